@@ -1,0 +1,2 @@
+"""eval"""
+import tta._compat  # noqa: F401  (must run before torchvision / avalanche / robustbench are imported)

@@ -1,0 +1,52 @@
+"""The ``tta`` command: a thin dispatcher over subcommands.
+
+Each subcommand lives in the module that owns its job and exposes two functions:
+``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their subcommand runs, so
+``tta --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+import tta._compat  # noqa: F401
+
+# name -> (module, one-line help). The module provides add_arguments(parser) and run(args).
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("eval.demo", "the whole pipeline on an embedded dataset (no download), in under two minutes"),
+    "corruption": ("eval.corruption_cli", "evaluate TTA methods on corrupted images (CIFAR-10-C / ImageNet-C style)"),
+    "domains": ("eval.domains_cli", "evaluate TTA methods on domain-shift datasets (one ImageFolder per domain)"),
+    "continual": ("continual.cli", "run continual-learning task streams (AdaB2N, NaP, NMC) on Avalanche"),
+    "make-c": ("streams.write_c", "write a CIFAR-10-C-layout folder of corrupted images from a dataset"),
+    "bench": ("eval.bench_cli", "throughput and memory of each method against plain inference"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tta", description="Test-time adaptation and continual-learning runtime.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == only:
+            importlib.import_module(module_name).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in SUBCOMMANDS:
+        command = None
+    parser = build_parser(only=command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Shared test fixtures: the location of the real data in ../shared/data, skipping cleanly when it is absent."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import tta._compat  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("TTA_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared_path(*parts: str) -> Path:
+    """Path under ../shared/data, or skip the test with a message saying what is missing."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (set TTA_SHARED_DATA or place ../shared/data beside the repo)")
+    return path
+
+
+@pytest.fixture
+def cifar10_zip() -> Path:
+    return shared_path("cifar10", "cifar10-jpeg.zip")
+
+
+@pytest.fixture
+def resnet20_weights() -> Path:
+    return shared_path("models", "akamaster-resnet-cifar10", "resnet20-12fca82f.th")
+
+
+@pytest.fixture
+def frost_dir() -> Path:
+    return shared_path("frost")
