@@ -1,0 +1,12 @@
+"""Test-time adaptation runtime: ``adapted = tta.adapt(model, "tent"); logits = adapted(x); adapted.reset()``."""
+import tta._compat  # noqa: F401  (first: makes torchvision / robustbench importable on this install)
+from tta import methods as _methods  # noqa: F401  (registers the built-in methods)
+from tta.api import adapt, method_options
+from tta.base import Adapted, BatchNormAdapter, GradientAdapter
+from tta.options import GradientOptions, MethodOptions
+from tta.registry import methods, register
+from tta.source_stats import SourceStats, source_stats
+
+__all__ = ["adapt", "methods", "method_options", "register", "source_stats", "SourceStats", "Adapted",
+           "BatchNormAdapter", "GradientAdapter", "MethodOptions", "GradientOptions"]
+__version__ = "0.1.0"

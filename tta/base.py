@@ -1,0 +1,198 @@
+"""The adapter base classes: what every method shares (validation, reset, release, state).
+
+An adapter wraps the user's model *in place*, as tent does: its BatchNorm layers are replaced by
+:class:`~tta.norm_layers.MixedBatchNorm` layers that share the original parameters and buffers (identical
+``state_dict`` keys), and the model is put in eval mode. ``reset()`` restores every value a method can change
+(norm-layer parameters and buffers, optimizer state) bitwise, from a snapshot of only those tensors.
+``release()`` resets, puts the original layers, ``requires_grad`` flags and train/eval modes back, and returns
+the model exactly as it was given.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from tta.norm_layers import MixedBatchNorm, find_batchnorms, swap_batchnorms, undo_swaps
+from tta.optim import make_optimizer
+from tta.options import GradientOptions, MethodOptions
+from tta.snapshot import Snapshot
+from tta.validation import check_batch, expected_input_ndim, model_dtype
+
+
+class Adapted(nn.Module):
+    """A model that predicts and adapts online: ``logits = adapted(x)``; ``adapted.reset()``; ``adapted.model``."""
+
+    name: ClassVar[str] = "adapted"
+    Options: ClassVar[type] = MethodOptions
+
+    def __init__(self, model: nn.Module, options: MethodOptions) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"adapt() needs a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.options = options
+        self.batches_seen = 0
+        self._released = False
+        self._input_ndim = expected_input_ndim(model)
+        self._dtype = model_dtype(model)
+        self._modes = {name: m.training for name, m in model.named_modules()}
+        self._setup()
+        model.eval()
+        self._snapshot = self._make_snapshot()
+
+    # -- hooks for subclasses ------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        """Configure the model (swap layers, choose parameters); runs once in ``__init__``."""
+
+    def _make_snapshot(self) -> Snapshot:
+        return Snapshot([])
+
+    @property
+    def needs_batch_statistics(self) -> bool:
+        return False
+
+    def _predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(x)
+
+    # -- public API ----------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Predict the batch (logits) and adapt on it; invalid input raises before anything changes."""
+        if self._released:
+            raise RuntimeError(f"{self.name}: this adapter was released; call tta.adapt(model, ...) again")
+        if self.options.check_inputs:
+            check_batch(x, method=self.name, ndim=self._input_ndim, dtype=self._dtype,
+                        needs_batch_statistics=self.needs_batch_statistics)
+        if self.options.episodic:
+            self.reset()
+        logits = self._predict_and_adapt(x)
+        self.batches_seen += 1
+        return logits
+
+    def reset(self) -> None:
+        """Return to the source model exactly: norm-layer tensors and optimizer state, bitwise."""
+        self._snapshot.restore()
+        self.batches_seen = 0
+
+    def release(self) -> nn.Module:
+        """Reset, undo every change made to the model (layers, flags, modes) and return it."""
+        if not self._released:
+            self.reset()
+            self._teardown()
+            for name, module in self.model.named_modules():
+                if name in self._modes:
+                    module.train(self._modes[name])
+            self._released = True
+        return self.model
+
+    def _teardown(self) -> None:
+        """Undo what ``_setup`` changed."""
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"batches_seen": self.batches_seen}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.batches_seen = int(state.get("batches_seen", 0))
+
+    def extra_repr(self) -> str:
+        return f"method={self.name!r}, options={self.options}"
+
+
+class BatchNormAdapter(Adapted):
+    """Base of the methods that change how BatchNorm layers normalise (statistics mixing with weight ``alpha``)."""
+
+    default_alpha: ClassVar[float] = 0.0
+
+    @property
+    def alpha(self) -> float:
+        """Weight of the SOURCE statistics: 1 = source model, 0 = batch statistics (test-time BN)."""
+        return float(getattr(self.options, "alpha", self.default_alpha))
+
+    def _setup(self) -> None:
+        if not find_batchnorms(self.model):
+            raise ValueError(
+                f"method {self.name!r} adapts BatchNorm layers, but this model has none (found no BatchNorm1d/2d/3d "
+                "or SyncBatchNorm); use method='source', or a model with BatchNorm")
+        self._swaps = swap_batchnorms(self.model, self.alpha)
+
+    @property
+    def norm_layers(self) -> list[MixedBatchNorm]:
+        return [swap.replacement for swap in self._swaps]
+
+    def _norm_tensors(self) -> list[torch.Tensor]:
+        tensors: list[torch.Tensor] = []
+        for layer in self.norm_layers:
+            tensors += [t for t in (layer.weight, layer.bias, layer.running_mean, layer.running_var,
+                                    layer.num_batches_tracked) if t is not None]
+        return tensors
+
+    def _make_snapshot(self) -> Snapshot:
+        return Snapshot(self._norm_tensors())
+
+    @property
+    def needs_batch_statistics(self) -> bool:
+        # A batch of 1 is only refused when some layer relies on the batch alone (alpha = 0 or no source stats).
+        return any(layer.alpha == 0.0 or layer.running_mean is None for layer in self.norm_layers)
+
+    def _teardown(self) -> None:
+        undo_swaps(self._swaps)
+
+
+class GradientAdapter(BatchNormAdapter):
+    """Base of the methods that take gradient steps on the BatchNorm affine parameters (gamma, beta) only.
+
+    Every other parameter gets ``requires_grad=False`` while adapted (no weight gradients are computed for it,
+    and it never changes); ``release()`` restores the flags. Each step: forward, loss, backward, optimizer step;
+    the logits returned are those of the last forward, computed before its update (as tent does).
+    """
+
+    Options: ClassVar[type] = GradientOptions
+
+    def _setup(self) -> None:
+        super()._setup()
+        self.params = [p for layer in self.norm_layers for p in (layer.weight, layer.bias) if p is not None]
+        if not self.params:
+            raise ValueError(f"method {self.name!r} trains the BatchNorm affine parameters, but every BatchNorm of "
+                             "this model was built with affine=False; use method='norm' or 'alpha_bn'")
+        self._requires_grad = {name: p.requires_grad for name, p in self.model.named_parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in self.params:
+            p.requires_grad_(True)
+        self.optimizer = make_optimizer(self.params, self.options)
+
+    def _make_snapshot(self) -> Snapshot:
+        return Snapshot(self._norm_tensors(), self.optimizer)
+
+    def loss(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The unsupervised objective minimised on each batch."""
+        raise NotImplementedError
+
+    def _predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{self.name} takes gradient steps and cannot run inside torch.inference_mode(); "
+                               "call it outside (torch.no_grad() around it is fine)")
+        with torch.enable_grad():
+            for _ in range(self.options.steps):
+                logits = self.model(x)
+                loss = self.loss(x, logits)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return logits.detach()
+
+    def _teardown(self) -> None:
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
+        super()._teardown()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "optimizer": self.optimizer.state_dict()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])

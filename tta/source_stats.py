@@ -1,0 +1,155 @@
+"""Class-conditional Gaussian statistics of a model's penultimate features on labelled source data (for CAFA).
+
+The features are the input of the classifier layer (by default the last ``nn.Linear`` of the model), computed
+with the pretrained model in eval mode. Sums are accumulated in float64 in one streaming pass, so memory does
+not grow with the number of batches.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def classifier_layer(model: nn.Module, name: str | None = None) -> tuple[str, nn.Module]:
+    """The layer whose input is the penultimate feature: ``name`` if given, else the last nn.Linear."""
+    if name is not None:
+        try:
+            return name, model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the model has no submodule {name!r}") from None
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("found no nn.Linear classifier in the model; pass feature_layer='<module whose input is "
+                         "the penultimate feature>'")
+    return linears[-1]
+
+
+class FeatureRecorder:
+    """Records the (flattened) input of a layer on every forward, via a forward pre-hook."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.features: torch.Tensor | None = None
+        self._handle = layer.register_forward_pre_hook(self._record)
+
+    def _record(self, module: nn.Module, args: tuple) -> None:
+        self.features = args[0].flatten(1)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+@dataclass
+class SourceStats:
+    """Per-class means (C, D), sample counts (C,), pooled within-class ("tied") covariance (D, D) and, optionally,
+    per-class covariances (C, D, D); all float64, unbiased."""
+
+    means: torch.Tensor
+    counts: torch.Tensor
+    tied_covariance: torch.Tensor
+    class_covariances: torch.Tensor | None = None
+    feature_layer: str | None = None
+
+    def __repr__(self) -> str:
+        kinds = "tied" + (" + per-class" if self.class_covariances is not None else "")
+        return (f"SourceStats(classes={self.num_classes}, dim={self.dim}, samples={int(self.counts.sum())}, "
+                f"covariance={kinds}, feature_layer={self.feature_layer!r})")
+
+    @property
+    def num_classes(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a small torch file (tensors and a string only), atomically."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({f.name: getattr(self, f.name) for f in fields(self)}, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SourceStats":
+        """Read a file written by :meth:`save` (``weights_only=True``: no code is ever unpickled)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"source statistics file not found: {path}")
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"could not read source statistics from {path}: {type(error).__name__}: {error}") from error
+        names = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or not {"means", "counts", "tied_covariance"} <= set(data):
+            raise ValueError(f"{path} is not a SourceStats file (expected keys means, counts, tied_covariance)")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def source_stats(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+                 feature_layer: str | None = None, num_classes: int | None = None,
+                 class_covariance: bool | None = None) -> SourceStats:
+    """Class-conditional feature statistics of ``model`` over labelled ``(x, y)`` batches.
+
+    ``class_covariance``: also compute per-class covariances (C x D x D floats); None = only when that holds at
+    most 50 million numbers (ImageNet's 1000 x 2048^2 would be 16 GB: the tied covariance is used there).
+    Every class must have at least two samples (one for the tied covariance alone).
+    """
+    name, layer = classifier_layer(model, feature_layer)
+    if num_classes is None and isinstance(layer, nn.Linear):
+        num_classes = layer.out_features
+    modes = {n: m.training for n, m in model.named_modules()}
+    model.eval()
+    recorder = FeatureRecorder(layer)
+    counts = sums = outer = class_outer = None
+    try:
+        with torch.no_grad():
+            for x, y in batches:
+                model(x)
+                f = recorder.features.double().cpu()
+                y = torch.as_tensor(y).long().cpu()
+                if num_classes is None:
+                    raise ValueError("pass num_classes= when the feature layer is not an nn.Linear")
+                if counts is None:
+                    d = f.shape[1]
+                    if class_covariance is None:
+                        class_covariance = num_classes * d * d <= 50_000_000
+                    counts = torch.zeros(num_classes, dtype=torch.float64)
+                    sums = torch.zeros(num_classes, d, dtype=torch.float64)
+                    outer = torch.zeros(d, d, dtype=torch.float64)
+                    if class_covariance:
+                        class_outer = torch.zeros(num_classes, d, d, dtype=torch.float64)
+                if y.numel() and (y.min() < 0 or y.max() >= num_classes):
+                    raise ValueError(f"labels must be in [0, {num_classes}), got {int(y.min())}..{int(y.max())}")
+                counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+                sums.index_add_(0, y, f)
+                outer += f.t() @ f
+                if class_outer is not None:
+                    class_outer.index_add_(0, y, f[:, :, None] * f[:, None, :])
+    finally:
+        recorder.remove()
+        for n, m in model.named_modules():
+            m.train(modes.get(n, m.training))
+    if counts is None:
+        raise ValueError("source_stats got no batches")
+    missing = (counts == 0).nonzero().flatten().tolist()
+    if missing:
+        raise ValueError(f"source_stats: no samples of class(es) {missing[:20]}; every class needs samples")
+    means = sums / counts[:, None]
+    scatter = outer - (means.t() * counts) @ means  # sum_c sum_i (f - mu_c)(f - mu_c)^T
+    dof = counts.sum() - num_classes
+    if dof < 1:
+        raise ValueError("source_stats needs more samples than classes for the pooled covariance")
+    tied = scatter / dof
+    class_cov = None
+    if class_outer is not None:
+        if (counts < 2).any():
+            raise ValueError("per-class covariances need at least two samples per class; pass class_covariance=False")
+        centred = class_outer - counts[:, None, None] * means[:, :, None] * means[:, None, :]
+        class_cov = centred / (counts - 1)[:, None, None]
+    return SourceStats(means=means, counts=counts, tied_covariance=tied, class_covariances=class_cov,
+                       feature_layer=name)
