@@ -9,6 +9,7 @@ the model exactly as it was given.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +32,9 @@ class Adapted(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"adapt() needs a torch.nn.Module, got {type(model).__name__}")
+        if any(isinstance(m, MixedBatchNorm) for m in model.modules()):
+            raise ValueError("this model is already adapted (it holds MixedBatchNorm layers); call release() on the "
+                             "first adapter before adapting it again")
         self.model = model
         self.options = options
         self.batches_seen = 0
@@ -195,4 +199,6 @@ class GradientAdapter(BatchNormAdapter):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
         if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
+            # Optimizer.load_state_dict keeps the given moment tensors (same dtype/device): copy them, or two
+            # adapters loaded from one state dict would share (and doubly update) Adam's moments.
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))

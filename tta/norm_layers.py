@@ -95,9 +95,6 @@ def _parent_and_attr(model: nn.Module, qualified_name: str) -> tuple[nn.Module, 
 
 def swap_batchnorms(model: nn.Module, alpha: float) -> list[LayerSwap]:
     """Replace every BatchNorm of the model with a :class:`MixedBatchNorm` sharing its tensors."""
-    if any(isinstance(m, MixedBatchNorm) for m in model.modules()):
-        raise ValueError("this model is already adapted (it holds MixedBatchNorm layers); call release() on the "
-                         "first adapter before adapting it again")
     swaps = []
     for name, bn in find_batchnorms(model):
         parent, attr = _parent_and_attr(model, name)

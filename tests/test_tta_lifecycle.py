@@ -1,0 +1,187 @@
+"""reset(), release(), state_dict, frozen non-norm parameters, and bad input: behaviour against exact values."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import tta
+from tests.tta_nets import assert_same_state, conv_net, full_state, no_norm_net
+
+
+def _stats():
+    g = torch.Generator().manual_seed(0)
+    return tta.source_stats(conv_net(), [(torch.randn(40, 3, 8, 8, generator=g), torch.arange(40) % 4)])
+
+
+def _adapt(method, model, **kw):
+    """Adapt with the given options, dropping those the method does not take."""
+    if method == "cafa":
+        kw.setdefault("source_stats", _stats())
+    names = {f.name for f in dataclasses.fields(tta.method_options(method))}
+    return tta.adapt(model, method, **{k: v for k, v in kw.items() if k in names})
+
+
+GRADIENT_METHODS = ["tent", "core", "cafa"]
+ALL_METHODS = ["source", "norm", "alpha_bn", "core", "cafa", "tent"]
+
+
+def test_registry_lists_all_methods_in_table_order():
+    assert tta.methods() == ALL_METHODS
+
+
+@settings(max_examples=12, deadline=None)
+@given(method=st.sampled_from(GRADIENT_METHODS), updates=st.integers(1, 4), optimizer=st.sampled_from(["adam", "sgd"]),
+       seed=st.integers(0, 50))
+def test_reset_restores_parameters_buffers_and_optimizer_bitwise(method, updates, optimizer, seed):
+    model = conv_net()
+    source_state = full_state(model)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 3, 8, 8, generator=g)
+    adapted = _adapt(method, model, optimizer=optimizer, lr=0.05)
+    assert adapted.optimizer.state_dict()["state"] == {}
+    first = adapted(x)
+    for _ in range(updates):
+        adapted(torch.randn(8, 3, 8, 8, generator=g))
+    assert adapted.optimizer.state  # moments exist after updates
+    adapted.reset()
+    assert_same_state(full_state(model), source_state)
+    assert adapted.optimizer.state_dict()["state"] == {}
+    assert adapted.batches_seen == 0
+    # after reset, the adapter behaves exactly as a fresh one: same first output
+    assert torch.equal(adapted(x), first)
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_non_norm_parameters_never_change(method):
+    model = conv_net()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    adapted = _adapt(method, model, lr=0.1)
+    for _ in range(3):
+        adapted(torch.randn(8, 3, 8, 8))
+    norm_params = {"1.weight", "1.bias", "4.weight", "4.bias"}
+    for name, p in model.named_parameters():
+        if name in norm_params:
+            assert not torch.equal(p, before[name]), f"{name} should have been adapted"
+        else:
+            assert torch.equal(p, before[name]), f"{name} changed"
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_release_gives_back_the_model_exactly(method):
+    model = conv_net().train()
+    model[0].weight.requires_grad_(True)
+    model[-1].bias.requires_grad_(False)
+    state = full_state(model)
+    types = [type(m) for m in model.modules()]
+    adapted = _adapt(method, model)
+    adapted(torch.randn(8, 3, 8, 8))
+    returned = adapted.release()
+    assert returned is model
+    assert [type(m) for m in model.modules()] == types
+    assert_same_state(full_state(model), state)
+    assert model.training and all(m.training for m in model.modules())
+    assert model[0].weight.requires_grad and not model[-1].bias.requires_grad
+    with pytest.raises(RuntimeError, match="released"):
+        adapted(torch.randn(8, 3, 8, 8))
+
+
+def test_state_dict_round_trip_continues_identically():
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(8, 3, 8, 8, generator=g) for _ in range(4)]
+    a = tta.adapt(conv_net(), "tent", lr=0.05)
+    for x in batches[:2]:
+        a(x)
+    saved = a.state_dict()
+    b = tta.adapt(conv_net(), "tent", lr=0.05)
+    b.load_state_dict(saved)
+    assert b.batches_seen == 2
+    for x in batches[2:]:
+        assert torch.equal(a(x), b(x))
+
+
+def test_adapt_errors_name_the_method_and_what_it_needs():
+    with pytest.raises(ValueError, match="'tent' adapts BatchNorm layers.*has none"):
+        tta.adapt(no_norm_net(), "tent")
+    with pytest.raises(ValueError, match="'norm'"):
+        tta.adapt(no_norm_net(), "norm")
+    assert tta.adapt(no_norm_net(), "source")(torch.randn(2, 3, 8, 8)).shape == (2, 2)
+    with pytest.raises(ValueError, match="unknown method 'foo'"):
+        tta.adapt(conv_net(), "foo")
+    with pytest.raises(TypeError, match="no option.*learning_rate"):
+        tta.adapt(conv_net(), "tent", learning_rate=1)
+    with pytest.raises(ValueError, match="not source-free"):
+        tta.adapt(conv_net(), "cafa")
+    with pytest.raises(ValueError, match="alpha"):
+        tta.adapt(conv_net(), "alpha_bn", alpha=1.5)
+    model = conv_net()
+    tta.adapt(model, "norm")
+    with pytest.raises(ValueError, match="already adapted"):
+        tta.adapt(model, "tent")
+    bn_no_affine = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2, affine=False))
+    with pytest.raises(ValueError, match="affine=False"):
+        tta.adapt(bn_no_affine, "tent")
+
+
+BAD_BATCHES = [
+    (torch.full((4, 3, 8, 8), float("nan")), "NaN or Inf"),
+    (torch.tensor([[[[float("inf")]]]]).expand(4, 3, 8, 8).clone(), "NaN or Inf"),
+    (torch.empty(0, 3, 8, 8), "empty"),
+    (torch.randn(3, 8, 8), "4 dimensions.*unsqueeze"),
+    (torch.randn(2, 4, 3, 8, 8), "4 dimensions"),
+    (torch.randint(0, 255, (4, 3, 8, 8), dtype=torch.uint8), "floating-point"),
+    (torch.randn(4, 3, 8, 8, dtype=torch.float64), "float32"),
+]
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("batch, message", BAD_BATCHES)
+def test_bad_batches_raise_before_anything_changes(method, batch, message):
+    model = conv_net()
+    adapted = _adapt(method, model, lr=0.05)
+    adapted(torch.randn(8, 3, 8, 8))  # some adaptation has happened
+    state = full_state(model)
+    optimizer_state = repr(adapted.optimizer.state_dict()) if hasattr(adapted, "optimizer") else None
+    seen = adapted.batches_seen
+    with pytest.raises(ValueError, match=message):
+        adapted(batch)
+    assert_same_state(full_state(model), state)
+    assert adapted.batches_seen == seen
+    if optimizer_state is not None:
+        assert repr(adapted.optimizer.state_dict()) == optimizer_state
+
+
+@pytest.mark.parametrize("method", ["norm", "tent", "cafa"])
+def test_batch_of_one_is_refused_for_batch_statistic_methods(method):
+    adapted = _adapt(method, conv_net())
+    with pytest.raises(ValueError, match="batch of 1.*alpha_bn"):
+        adapted(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="batch of 1"):
+        tta.adapt(conv_net(), "alpha_bn", alpha=0.0)(torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("method", ["source", "alpha_bn", "core"])
+def test_batch_of_one_works_where_source_statistics_are_mixed_in(method):
+    out = _adapt(method, conv_net(), alpha=0.5)(torch.randn(1, 3, 8, 8))
+    assert out.shape == (1, 4) and torch.isfinite(out).all()
+
+
+def test_episodic_resets_before_every_batch():
+    x, other = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8)
+    episodic = tta.adapt(conv_net(), "tent", episodic=True, lr=0.1)
+    first = episodic(x)
+    episodic(other)
+    assert torch.equal(episodic(x), first)
+
+
+def test_gradient_methods_refuse_inference_mode_but_work_under_no_grad():
+    adapted = tta.adapt(conv_net(), "tent")
+    with torch.no_grad():
+        before = adapted.model[1].weight.clone()
+        adapted(torch.randn(8, 3, 8, 8))
+        assert not torch.equal(before, adapted.model[1].weight)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        adapted(torch.randn(8, 3, 8, 8))
