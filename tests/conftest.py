@@ -20,16 +20,16 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cifar10_zip() -> Path:
     return shared_path("cifar10", "cifar10-jpeg.zip")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def resnet20_weights() -> Path:
     return shared_path("models", "akamaster-resnet-cifar10", "resnet20-12fca82f.th")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def frost_dir() -> Path:
     return shared_path("frost")
