@@ -1,0 +1,194 @@
+"""The corruption benchmark as a Python function: the same thing ``tta corruption`` runs.
+
+``run_benchmark(config)`` resolves the model, the data (clean data corrupted on the fly, or a pre-corrupted
+CIFAR-10-C / ImageNet-C folder, or real domains), the protocol and the methods; writes ``config.json``; runs each
+method through :func:`eval.runner.run_method` (resumable) into ``results.jsonl``; and writes the report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import streams
+import tta
+from eval.environment import versions
+from eval.method_cli import resolved_options
+from eval.metrics import mce
+from eval.records import ResultsLog, write_json_atomic
+from eval.report import ErrorTable, write_report
+from eval.runner import MethodRun, run_methods
+
+# Fields that change results: a rerun into the same --out must agree on them (the others may differ).
+_RESULT_FIELDS = ("model", "weights", "data", "split", "corruptions", "severity", "protocol", "delta", "batch_size",
+                  "n_images", "seed", "domains")
+
+
+@dataclass
+class BenchmarkConfig:
+    """Everything a corruption or domain-shift run needs; written as config.json."""
+
+    out: str
+    model: str = "cifar10_resnet20"
+    weights: str | None = None
+    data: str = "digits"
+    split: str = "test"
+    methods: list[str] = field(default_factory=lambda: list(tta.methods()))
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    corruptions: str | list[str] = "all"
+    severity: int = 5
+    protocol: str = "reset"
+    delta: float = 0.1
+    batch_size: int = 200
+    n_images: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    domains: list[str] | None = None  # real domains (one ImageFolder each) instead of corruptions; [] = all
+    source_data: str | None = None  # labelled source data for cafa's statistics (default: ``data``)
+    source_split: str = "train"
+    source_images: int = 2000
+    baseline: str | None = None  # a results.jsonl whose 'source' rows are the mCE baseline
+    progress: bool = True
+
+
+def _check_same_run(path: Path, config: BenchmarkConfig) -> None:
+    if not path.exists():
+        return
+    previous = json.loads(path.read_text()).get("config", {})
+    changed = [k for k in _RESULT_FIELDS if k in previous and previous[k] != _jsonable(getattr(config, k))]
+    if changed:
+        raise ValueError(f"{path.parent} holds results of a different run ({', '.join(changed)} differ); "
+                         "use another --out, or delete that folder to start again")
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _pre_corrupted_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "labels.npy").exists() or (path / "CIFAR-10-C" / "labels.npy").exists()
+                              or (path / "CIFAR-100-C" / "labels.npy").exists())
+
+
+def _imagenet_c_folder(path: Path) -> bool:
+    return path.is_dir() and any((path / c / "5").is_dir() for c in streams.CORRUPTIONS)
+
+
+def build_stream(config: BenchmarkConfig):
+    """The protocol and the data it streams: corrupted on the fly, pre-corrupted files, or real domains."""
+    path = Path(config.data).expanduser()
+    if config.domains is not None:  # real domains: one ImageFolder per domain; [] = every domain found
+        data = streams.load_domains(path, config.domains or None)
+        protocol = streams.make_protocol(config.protocol, domains=list(data), batch_size=config.batch_size,
+                                         seed=config.seed, n_images=config.n_images, delta=config.delta)
+        return streams.make_stream(data, protocol)
+    if config.data != "digits" and (_pre_corrupted_folder(path) or _imagenet_c_folder(path)):
+        names = streams.protocols.corruption_names(config.corruptions)
+        loader = streams.load_cifar_c if _pre_corrupted_folder(path) else streams.load_imagenet_c
+        if config.protocol == "gradual":
+            raise ValueError("the gradual protocol needs on-the-fly corruption (give clean data, not a -C folder)")
+        data = {f"{c}-{config.severity}": loader(path, c, config.severity) for c in names}
+        protocol = streams.make_protocol(config.protocol, domains=list(data), batch_size=config.batch_size,
+                                         seed=config.seed, n_images=config.n_images, delta=config.delta)
+        return streams.make_stream(data, protocol)
+    clean = streams.load_dataset(config.data, split=config.split)
+    protocol = streams.make_protocol(config.protocol, corruptions=config.corruptions, severity=config.severity,
+                                     batch_size=config.batch_size, seed=config.seed, n_images=config.n_images,
+                                     delta=config.delta)
+    return streams.make_stream(clean, protocol)
+
+
+def model_factory(config: BenchmarkConfig, model: nn.Module | None = None) -> Callable[[], nn.Module]:
+    """A function giving a fresh copy of the source model for each method (adapters change models in place)."""
+    from eval.models import load_model
+
+    if model is not None:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        import copy
+
+        template = copy.deepcopy(model).cpu()
+
+        def fresh() -> nn.Module:
+            m = copy.deepcopy(template)
+            m.load_state_dict(state)
+            return m.to(config.device).eval()
+
+        return fresh
+    return lambda: load_model(config.model, config.weights, device=config.device)
+
+
+def cafa_source_stats(config: BenchmarkConfig, make_model: Callable[[], nn.Module], out: Path) -> tta.SourceStats:
+    """Source statistics from a seeded class-balanced labelled subset of the source split, cached in ``out``."""
+    path = out / "source_stats.pt"
+    if path.exists():
+        return tta.SourceStats.load(path)
+    source = streams.load_dataset(config.source_data or config.data, split=config.source_split)
+    from streams.image_dataset import class_balanced_subset
+
+    subset = class_balanced_subset(source, min(config.source_images, len(source)), seed=config.seed)
+    batches = []
+    for start in range(0, len(subset), config.batch_size):
+        x, y = subset.get_batch(torch.arange(start, min(start + config.batch_size, len(subset))))
+        batches.append((x.float().div(255).to(config.device), y))
+    stats = tta.source_stats(make_model(), batches)
+    stats.save(path)
+    return stats
+
+
+def run_benchmark(config: BenchmarkConfig, model: nn.Module | None = None) -> dict[str, ErrorTable]:
+    """Run (or resume) every method of ``config`` and write results.jsonl, config.json and the report."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = [m for m in config.methods if m not in tta.methods()]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; registered: {', '.join(tta.methods())}")
+    _check_same_run(out / "config.json", config)
+    resolved = {m: resolved_options(m, config.method_options.get(m, {})) for m in config.methods}
+    write_json_atomic(out / "config.json", {"config": _jsonable(dataclasses.asdict(config)),
+                                            "resolved_options": _jsonable(resolved), **versions()})
+    torch.manual_seed(config.seed)
+    stream = build_stream(config)
+    make_model = model_factory(config, model)
+    log = ResultsLog(out / "results.jsonl")
+    context = {"protocol": config.protocol, "seed": config.seed, "model": config.model,
+               "batch_size": config.batch_size}
+    runs = []
+    for method in config.methods:
+        options = dict(config.method_options.get(method, {}))
+        if method == "cafa":
+            options["source_stats"] = cafa_source_stats(config, make_model, out)
+        runs.append(MethodRun(label=method, options=resolved[method],
+                              make_adapter=lambda m=method, o=options: tta.adapt(make_model(), m, **o)))
+    run_methods(runs, stream, log, context=context, checkpoint_dir=out / "checkpoints", device=config.device,
+                progress=config.progress)
+    records = log.read()
+    tables = write_report(records, out, title=f"{config.model} on {Path(config.data).name}")
+    if config.baseline:
+        _write_mce(records, config, out)
+    return tables
+
+
+def _errors_by_corruption(records: list[dict[str, Any]], method: str, protocol: str) -> dict[str, dict[int, float]]:
+    table: dict[str, dict[int, float]] = {}
+    for r in records:
+        if r["method"] == method and r.get("protocol") == protocol and r.get("severity") is not None:
+            table.setdefault(r["corruption"], {})[r["severity"]] = r["error"]
+    return table
+
+
+def _write_mce(records: list[dict[str, Any]], config: BenchmarkConfig, out: Path) -> None:
+    baseline_records = ResultsLog(config.baseline).read()
+    baseline = _errors_by_corruption(baseline_records, "source", baseline_records[0].get("protocol", "reset"))
+    lines = ["", f"**mCE relative to the source model in {config.baseline}** (%)", "", "| method | mCE |",
+             "|---|---:|"]
+    for method in dict.fromkeys(r["method"] for r in records):
+        errors = _errors_by_corruption(records, method, config.protocol)
+        if errors:
+            lines.append(f"| {method} | {100 * mce(errors, baseline):.1f} |")
+    with open(out / "results.md", "a") as f:
+        f.write("\n".join(lines) + "\n")

@@ -1,0 +1,79 @@
+"""``tta corruption``: evaluate TTA methods on corrupted images; prints the paper-style table at the end."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import tta
+from eval.corruption_benchmark import BenchmarkConfig, run_benchmark
+from eval.method_cli import add_method_options, method_options_from_args
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by ``tta corruption`` and ``tta domains``."""
+    parser.add_argument("--model", default="cifar10_resnet20",
+                        help="registered model (cifar10_resnet20/32/44/56) or torchvision:<arch>")
+    parser.add_argument("--weights", default=None, help="checkpoint file (state dict, loaded with weights_only=True)")
+    parser.add_argument("--download", action="store_true", help="download the model's published weights (network)")
+    parser.add_argument("--methods", default=",".join(tta.methods()),
+                        help=f"comma-separated methods (default: all: {','.join(tta.methods())})")
+    parser.add_argument("--protocol", default="reset", choices=["reset", "continual", "gradual", "mixed", "correlated"])
+    parser.add_argument("--delta", type=float, default=0.1, help="Dirichlet concentration for --protocol correlated")
+    parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--n-images", type=int, default=None, help="seeded random subset per domain (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--out", required=True, help="output folder; rerunning with the same folder resumes")
+    parser.add_argument("--source-images", type=int, default=2000,
+                        help="labelled source images (from --source-split) for cafa's class statistics")
+    parser.add_argument("--source-split", default="train", help="split holding cafa's labelled source images")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_method_options(parser)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="digits",
+                        help="clean data ('digits', an ImageFolder .zip/folder, a CIFAR python folder) corrupted on "
+                             "the fly, or a pre-corrupted CIFAR-10-C / ImageNet-C folder")
+    parser.add_argument("--split", default="test", help="split of --data to evaluate on (default: test)")
+    parser.add_argument("--corruptions", default="all",
+                        help="'all' (15 benchmark corruptions), 'extra' (4 validation ones) or names, comma-separated")
+    parser.add_argument("--severity", type=int, default=5, help="1..5 (gradual: the 1..5..1 sequence)")
+    parser.add_argument("--baseline", default=None, help="results.jsonl whose source rows are the mCE baseline")
+    add_common_arguments(parser)
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> BenchmarkConfig:
+    methods = _csv(args.methods)
+    return BenchmarkConfig(
+        out=args.out, model=args.model, weights=args.weights, data=getattr(args, "data", "digits"),
+        split=getattr(args, "split", "test"), methods=methods,
+        method_options={m: method_options_from_args(args, m) for m in methods if m in tta.methods()},
+        corruptions=getattr(args, "corruptions", "all"), severity=getattr(args, "severity", 5),
+        protocol=args.protocol, delta=args.delta, batch_size=args.batch_size, n_images=args.n_images, seed=args.seed,
+        device=args.device, source_split=args.source_split, source_images=args.source_images,
+        baseline=getattr(args, "baseline", None), progress=not args.no_progress, **overrides)
+
+
+def print_tables(tables, out: str) -> None:
+    for table in tables.values():
+        print(table.to_markdown(title=f"protocol: {table.protocol}"))
+    print(f"results: {Path(out) / 'results.jsonl'}   table: {Path(out) / 'results.md'}   plots: {out}/*.png")
+
+
+def _ensure_weights(args: argparse.Namespace) -> None:
+    if args.weights is None and args.download:
+        from eval.models import download_weights, model_entry
+
+        args.weights = str(download_weights(model_entry(args.model)))
+
+
+def run(args: argparse.Namespace) -> int:
+    _ensure_weights(args)
+    config = config_from_args(args)
+    print_tables(run_benchmark(config), config.out)
+    return 0

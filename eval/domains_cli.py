@@ -1,0 +1,26 @@
+"""``tta domains``: evaluate TTA methods on domain-shift data laid out as one ImageFolder per domain."""
+from __future__ import annotations
+
+import argparse
+
+from eval.corruption_benchmark import run_benchmark
+from eval.corruption_cli import _csv, _ensure_weights, add_common_arguments, config_from_args, print_tables
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="root folder: <root>/<domain>/<class>/<image> (PACS style)")
+    parser.add_argument("--domains", default="", help="comma-separated domains in stream order (default: all)")
+    parser.add_argument("--source-data", default=None,
+                        help="labelled source data for cafa (default: cafa cannot run on domain data without it)")
+    add_common_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    _ensure_weights(args)
+    config = config_from_args(args, domains=_csv(args.domains), source_data=args.source_data)
+    if "cafa" in config.methods:
+        if not args.source_data:
+            raise SystemExit("tta domains: cafa needs labelled source data: pass --source-data PATH, or leave cafa "
+                             "out of --methods")
+    print_tables(run_benchmark(config), config.out)
+    return 0

@@ -1,0 +1,65 @@
+"""results.jsonl: one JSON record per finished (method, segment), appended durably, read tolerantly.
+
+A record is appended as one line, flushed and fsynced. If a run is killed mid-write, the last line may be
+incomplete: readers ignore a trailing line that does not parse, and the next append first cuts the file back
+to its last complete line. So no record is ever half-read, lost once written, or duplicated.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+
+class ResultsLog:
+    """Append-only JSON-lines file of result records."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        records = []
+        lines = self.path.read_bytes().split(b"\n")
+        for number, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number == len(lines) - 1:  # an interrupted final write: ignore it
+                    break
+                raise ValueError(f"{self.path}: line {number + 1} is not valid JSON; the file is corrupted") from None
+        return records
+
+    def _cut_incomplete_tail(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._cut_incomplete_tail()
+        line = json.dumps(record, sort_keys=True, allow_nan=True) + "\n"
+        with open(self.path, "ab") as f:
+            f.write(line.encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def extend(self, records: Iterable[dict[str, Any]]) -> None:
+        for record in records:
+            self.append(record)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON via a temporary file and os.replace, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)

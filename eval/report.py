@@ -1,0 +1,153 @@
+"""Reports built from result records alone: the table TTA papers print (rows: methods; columns: domains and the
+mean), as Markdown and CSV, and PNG plots. ``tta`` rebuilds a report from results.jsonl without rerunning."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from eval.metrics import mean_error
+
+
+@dataclass
+class ErrorTable:
+    """errors[method][column] in [0, 1]; columns in stream order; methods in run order."""
+
+    protocol: str
+    methods: list[str]
+    columns: list[str]
+    errors: dict[str, dict[str, float]]
+
+    def mean(self, method: str) -> float:
+        return mean_error(self.errors[method][c] for c in self.columns if c in self.errors[method])
+
+    def complete(self, method: str) -> bool:
+        return all(c in self.errors[method] for c in self.columns)
+
+    def to_markdown(self, title: str | None = None) -> str:
+        header = ["method", *self.columns, "mean"]
+        lines = [f"**{title}**\n" if title else "", "| " + " | ".join(header) + " |",
+                 "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        for m in self.methods:
+            cells = [f"{100 * self.errors[m][c]:.1f}" if c in self.errors[m] else "–" for c in self.columns]
+            mean = f"{100 * self.mean(m):.1f}" + ("" if self.complete(m) else "*")
+            lines.append("| " + " | ".join([m, *cells, mean]) + " |")
+        lines.append("")
+        lines.append("Error in % (lower is better)" + ("; * = mean over the finished columns only."
+                                                        if not all(self.complete(m) for m in self.methods) else "."))
+        return "\n".join(line for line in lines if line is not None) + "\n"
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["method", *self.columns, "mean"])
+        for m in self.methods:
+            writer.writerow([m, *[f"{self.errors[m].get(c, float('nan')):.6f}" for c in self.columns],
+                             f"{self.mean(m):.6f}"])
+        return out.getvalue()
+
+
+def _column(record: dict[str, Any]) -> str:
+    return record.get("domain") or str(record.get("corruption"))
+
+
+def error_table(records: Sequence[dict[str, Any]], protocol: str | None = None) -> ErrorTable:
+    """The table of one protocol (the first one in the records when not given)."""
+    if not records:
+        raise ValueError("no records to report")
+    protocol = protocol or records[0].get("protocol", "")
+    chosen = [r for r in records if r.get("protocol", "") == protocol]
+    methods: list[str] = []
+    columns: dict[int, str] = {}
+    errors: dict[str, dict[str, float]] = {}
+    for r in chosen:
+        if r["method"] not in errors:
+            methods.append(r["method"])
+            errors[r["method"]] = {}
+        name = _column(r)
+        if r["segment"] in columns and columns[r["segment"]] != name:
+            raise ValueError(f"segment {r['segment']} is {columns[r['segment']]!r} and {name!r} in one results file")
+        columns[r["segment"]] = name
+        errors[r["method"]][name] = r["error"]
+    ordered = [columns[s] for s in sorted(columns)]
+    if len(set(ordered)) != len(ordered):  # gradual protocols repeat domains: number them by position
+        ordered = [f"{s}:{columns[s]}" for s in sorted(columns)]
+        errors = {m: {} for m in methods}
+        for r in chosen:
+            errors[r["method"]][f"{r['segment']}:{_column(r)}"] = r["error"]
+    return ErrorTable(protocol=protocol, methods=methods, columns=ordered, errors=errors)
+
+
+def plot_errors(table: ErrorTable, path: str | os.PathLike, title: str | None = None) -> Path:
+    """Grouped bars: error per domain (x) per method (colour), with the mean as the last group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    columns = [*table.columns, "mean"]
+    width = 0.8 / max(len(table.methods), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(columns) * max(1, len(table.methods)) ** 0.5 + 2), 4.2))
+    x = np.arange(len(columns))
+    for i, m in enumerate(table.methods):
+        values = [100 * table.errors[m].get(c, np.nan) for c in table.columns] + [100 * table.mean(m)]
+        ax.bar(x + (i - (len(table.methods) - 1) / 2) * width, values, width, label=m)
+    ax.set_xticks(x, [c.replace("_", " ") for c in columns], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("error (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=min(len(table.methods), 6))
+    ax.set_title(title or f"error per domain ({table.protocol})")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_online_error(records: Sequence[dict[str, Any]], path: str | os.PathLike, protocol: str | None = None) -> Path:
+    """The online (cumulative) error of each method through the stream, segment after segment."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = error_table(records, protocol)
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for m in table.methods:
+        curve: list[float] = []
+        for r in sorted((r for r in records if r["method"] == m and r.get("protocol") == table.protocol),
+                        key=lambda r: r["segment"]):
+            curve += [100 * v for v in r.get("online_error", [])]
+        ax.plot(range(1, len(curve) + 1), curve, label=m)
+    ax.set_xlabel("batch (segments in order; the curve restarts at each segment)")
+    ax.set_ylabel("cumulative error in segment (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(records: Sequence[dict[str, Any]], out_dir: str | os.PathLike, title: str | None = None
+                 ) -> dict[str, ErrorTable]:
+    """results.md / results_<protocol>.csv / errors_<protocol>.png / online_<protocol>.png for every protocol."""
+    out = Path(out_dir)
+    protocols = list(dict.fromkeys(r.get("protocol", "") for r in records))
+    tables = {}
+    markdown = [f"# {title}\n" if title else ""]
+    for protocol in protocols:
+        table = error_table(records, protocol)
+        tables[protocol] = table
+        markdown.append(table.to_markdown(title=f"protocol: {protocol}"))
+        (out / f"results_{protocol}.csv").write_text(table.to_csv())
+        plot_errors(table, out / f"errors_{protocol}.png", title=f"{title or ''} {protocol}".strip())
+        plot_online_error(records, out / f"online_{protocol}.png", protocol)
+    (out / "results.md").write_text("\n".join(markdown))
+    return tables

@@ -1,0 +1,179 @@
+"""The runner: joins an adapter factory and a stream, writes one record per finished segment, resumes.
+
+Records are keyed by (method label, segment index, segment name). On a rerun with the same results file, done
+segments are skipped. Inside a chain of segments without reset (continual, gradual), the adapter state after
+each segment is checkpointed atomically, so an interrupted run continues from the last finished segment; if a
+checkpoint is missing, the chain is replayed silently from its last reset (results are deterministic on CPU).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from eval.metrics import CalibrationBins, online_error_curve
+from eval.records import ResultsLog
+from tta.base import Adapted
+
+
+@dataclass
+class MethodRun:
+    """One row of a results table: a label, a factory that builds a fresh adapter, the options to record."""
+
+    label: str
+    make_adapter: Callable[[], Adapted]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _save_checkpoint(path: Path, segment: int, adapter: Adapted) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"segment": segment, "state": adapter.state_dict()}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, segment: int, adapter: Adapted) -> bool:
+    """Load the adapter state saved after ``segment``; False when there is no usable checkpoint for it."""
+    if not path.exists():
+        return False
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged checkpoint is not fatal: the chain is replayed instead
+        return False
+    if saved.get("segment") != segment:
+        return False
+    adapter.load_state_dict(saved["state"])
+    return True
+
+
+def _checkpoint_path(directory: Path, label: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+    return directory / f"{safe}.pt"
+
+
+class _SegmentResult:
+    def __init__(self, n_domains: int) -> None:
+        self.wrong: list[int] = []
+        self.sizes: list[int] = []
+        self.calibration = CalibrationBins()
+        self.domain_wrong = torch.zeros(n_domains, dtype=torch.long)
+        self.domain_count = torch.zeros(n_domains, dtype=torch.long)
+
+    def update(self, logits: torch.Tensor, y: torch.Tensor, domain_index: torch.Tensor) -> None:
+        wrong = (logits.argmax(1).cpu() != y)
+        self.wrong.append(int(wrong.sum()))
+        self.sizes.append(len(y))
+        self.calibration.update(logits, y)
+        self.domain_wrong.index_add_(0, domain_index, wrong.long())
+        self.domain_count.index_add_(0, domain_index, torch.ones_like(domain_index))
+
+
+def _batches(stream, segment: int, progress: str | None) -> Iterator:
+    batches: Iterator = stream.batches(segment)
+    if progress is not None:
+        batches = tqdm(batches, total=stream.num_batches(segment), desc=progress, leave=False, unit="batch")
+    return batches
+
+
+def _run_segment(adapters: dict[str, Adapted], stream, segment: int, device: torch.device,
+                 progress: str | None) -> dict[str, tuple[_SegmentResult, float]]:
+    """Feed every batch of the segment to every adapter (each batch is produced, i.e. corrupted, once)."""
+    results = {label: _SegmentResult(len(stream.domains)) for label in adapters}
+    seconds = dict.fromkeys(adapters, 0.0)
+    for batch in _batches(stream, segment, progress):
+        x = batch.x.to(device, non_blocking=True)
+        for label, adapter in adapters.items():
+            start = time.perf_counter()
+            logits = adapter(x).detach()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds[label] += time.perf_counter() - start
+            results[label].update(logits.cpu(), batch.y, batch.domain_index)
+    return {label: (results[label], seconds[label]) for label in adapters}
+
+
+def run_methods(runs: list[MethodRun], stream, log: ResultsLog, *, context: dict[str, Any], checkpoint_dir: Path,
+                device: torch.device | str = "cpu", progress: bool = True) -> list[dict[str, Any]]:
+    """Evaluate several methods side by side over every segment; returns the records written now.
+
+    Segment by segment, every method that has not finished the segment gets the same batches. Before a segment
+    that continues a chain (no reset), a method's adapter must hold its state after the previous segment: it
+    does when it ran that segment in this process; otherwise its checkpoint is loaded, or the chain is replayed.
+    """
+    device = torch.device(device)
+    done = {(r["method"], r["segment"]) for r in log.read() if r.get("protocol") == context.get("protocol")}
+    segments = stream.segments
+    pending = [run for run in runs if any((run.label, s) not in done for s in range(len(segments)))]
+    adapters = {run.label: run.make_adapter() for run in pending}
+    by_label = {run.label: run for run in pending}
+    position = dict.fromkeys(adapters, -1)  # each adapter holds its state after this segment (-1: source)
+    chain_start = 0
+    written = []
+    for s, segment in enumerate(segments):
+        if segment.reset_before:
+            chain_start = s
+        active = {label: a for label, a in adapters.items() if (label, s) not in done}
+        for label, adapter in active.items():
+            if segment.reset_before:
+                adapter.reset()
+            elif position[label] != s - 1 and not _load_checkpoint(_checkpoint_path(checkpoint_dir, label), s - 1,
+                                                                    adapter):
+                adapter.reset()  # replay the chain from its last reset, recording nothing
+                for replay in range(chain_start, s):
+                    _run_segment({label: adapter}, stream, replay, device,
+                                 f"{label} {segments[replay].name} (replay)" if progress else None)
+        if not active:
+            continue
+        results = _run_segment(active, stream, s, device, f"{segment.name} [{s + 1}/{len(segments)}]"
+                               if progress else None)
+        for label, (result, seconds) in results.items():
+            position[label] = s
+            if s + 1 < len(segments) and not segments[s + 1].reset_before:
+                _save_checkpoint(_checkpoint_path(checkpoint_dir, label), s, active[label])
+            record = _record(by_label[label], stream, s, result, seconds, context)
+            log.append(record)
+            written.append(record)
+    for label in adapters:
+        _checkpoint_path(checkpoint_dir, label).unlink(missing_ok=True)
+    return written
+
+
+def run_method(run: MethodRun, stream, log: ResultsLog, **kwargs: Any) -> list[dict[str, Any]]:
+    """Evaluate one method (see :func:`run_methods`)."""
+    return run_methods([run], stream, log, **kwargs)
+
+
+def _record(run: MethodRun, stream, s: int, result: _SegmentResult, seconds: float,
+            context: dict[str, Any]) -> dict[str, Any]:
+    segment = stream.segments[s]
+    n = sum(result.sizes)
+    record: dict[str, Any] = {
+        **context,
+        "method": run.label,
+        "segment": s,
+        "domain": segment.name,
+        "n": n,
+        "error": sum(result.wrong) / n if n else float("nan"),
+        "ece": result.calibration.ece(),
+        "online_error": online_error_curve(result.wrong, result.sizes),
+        "reset_before": segment.reset_before,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(n / seconds, 1) if seconds > 0 else None,
+        "options": run.options,
+    }
+    if len(segment.domains) == 1:
+        record["corruption"] = segment.domains[0].corruption or segment.domains[0].name
+        record["severity"] = segment.domains[0].severity
+    else:  # mixed: per-domain errors from the samples' domain labels
+        record["corruption"] = "mixed"
+        record["severity"] = None
+        record["per_domain_error"] = {
+            stream.domains[d].name: float(result.domain_wrong[d] / result.domain_count[d])
+            for d in range(len(stream.domains)) if result.domain_count[d] > 0
+        }
+    return record
