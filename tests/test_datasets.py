@@ -1,7 +1,6 @@
 """Dataset loaders on small fixture data written in tmp_path (and on the real CIFAR-10 JPEG zip when present)."""
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import time
@@ -214,6 +213,9 @@ def test_cifar10_python_layout(tmp_path):
 
 
 def test_cifar100_python_layout_and_bytes_keys(tmp_path):
+    from streams.cifar_io import CIFAR100_CLASSES
+
+    assert len(set(CIFAR100_CLASSES)) == 100 and list(CIFAR100_CLASSES) == sorted(CIFAR100_CLASSES)  # official order
     folder = _fake_cifar(tmp_path, "cifar100")
     data = load_cifar(tmp_path, name="cifar100", split="train")
     assert len(data) == 4 and data.classes[:2] == ["c000", "c001"] and len(data.classes) == 100
@@ -296,6 +298,10 @@ def test_cifar_c_layouts(tmp_path):
     _fake_cifar_c(tmp_path / "rb" / "CIFAR-10-C", labels_repeated=False)
     first = load_cifar_c(tmp_path / "rb", "fog", 5, n=2)
     assert first.images[:, 0, 0, 0].tolist() == [40, 41] and first.labels.tolist() == [0, 1]
+    _fake_cifar_c(tmp_path / "c100" / "CIFAR-100-C", n=40)
+    np.save(tmp_path / "c100" / "CIFAR-100-C" / "labels.npy", np.tile(np.arange(40, dtype=np.uint8) + 60, 5))
+    hundred = load_cifar_c(tmp_path / "c100", "fog", 2)  # found without name="cifar100"; its class names
+    assert len(hundred.classes) == 100 and hundred.classes[60] == "plain" and hundred.labels[0] == 60
     (tmp_path / "plain" / "classes.txt").write_text("u\nv\nw\n")
     assert load_cifar_c(tmp_path / "plain", "fog", 1).classes == ["u", "v", "w"]
 
@@ -373,7 +379,9 @@ def test_lazy_exports():
 
 
 # --------------------------------------------------------------------------------------------------- real data
-def test_real_cifar10_jpeg_zip(cifar10_zip):
+def test_real_cifar10_jpeg_zip(cifar10_zip, tmp_path_factory, monkeypatch):
+    # a cache shared by the real-data tests of this session (decoded once), never the user's ~/.cache
+    monkeypatch.setenv("TTA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "real-data-cache"))
     start = time.perf_counter()
     test = load_imagefolder(cifar10_zip, split="test")
     first = time.perf_counter() - start
