@@ -6,6 +6,7 @@ method through :func:`eval.runner.run_method` (resumable) into ``results.jsonl``
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -103,22 +104,22 @@ def build_stream(config: BenchmarkConfig):
     return streams.make_stream(clean, protocol)
 
 
+def _fresh_copy(model: nn.Module, config: "BenchmarkConfig") -> Callable[[], nn.Module]:
+    """Fresh copies of an in-memory model, each in its original (source) state."""
+    template = copy.deepcopy(model).cpu()
+
+    def fresh() -> nn.Module:
+        return copy.deepcopy(template).to(config.device).eval()
+
+    return fresh
+
+
 def model_factory(config: BenchmarkConfig, model: nn.Module | None = None) -> Callable[[], nn.Module]:
     """A function giving a fresh copy of the source model for each method (adapters change models in place)."""
     from eval.models import load_model
 
     if model is not None:
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        import copy
-
-        template = copy.deepcopy(model).cpu()
-
-        def fresh() -> nn.Module:
-            m = copy.deepcopy(template)
-            m.load_state_dict(state)
-            return m.to(config.device).eval()
-
-        return fresh
+        return _fresh_copy(model, config)
     return lambda: load_model(config.model, config.weights, device=config.device)
 
 

@@ -73,11 +73,8 @@ def error_table(records: Sequence[dict[str, Any]], protocol: str | None = None) 
         columns[r["segment"]] = name
         errors[r["method"]][name] = r["error"]
     ordered = [columns[s] for s in sorted(columns)]
-    if len(set(ordered)) != len(ordered):  # gradual protocols repeat domains: number them by position
-        ordered = [f"{s}:{columns[s]}" for s in sorted(columns)]
-        errors = {m: {} for m in methods}
-        for r in chosen:
-            errors[r["method"]][f"{r['segment']}:{_column(r)}"] = r["error"]
+    if len(set(ordered)) != len(ordered):
+        raise ValueError("segment names repeat within one protocol; streams name repeated segments uniquely")
     return ErrorTable(protocol=protocol, methods=methods, columns=ordered, errors=errors)
 
 

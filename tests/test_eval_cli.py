@@ -1,0 +1,78 @@
+"""The tta command: options generated from the dataclasses, a small real run end to end, resume, bad input."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+import tta
+from eval.cli import main
+from eval.method_cli import add_method_options, method_options_from_args, resolved_options
+
+
+def test_every_option_of_every_method_has_a_flag():
+    parser = argparse.ArgumentParser()
+    add_method_options(parser)
+    flags = {a.option_strings[0] for a in parser._actions if a.option_strings}
+    for method in tta.methods():
+        for name in tta.method_options(method).__dataclass_fields__:
+            if name == "source_stats":
+                continue
+            assert f"--{method}-{name.replace('_', '-')}" in flags
+    args = parser.parse_args(["--tent-lr", "0.01", "--tent-optimizer", "sgd", "--alpha_bn-alpha", "0.4",
+                              "--norm-episodic"])
+    assert method_options_from_args(args, "tent") == {"lr": 0.01, "optimizer": "sgd"}
+    assert method_options_from_args(args, "alpha_bn") == {"alpha": 0.4}
+    assert method_options_from_args(args, "norm") == {"episodic": True}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--tent-optimizer", "rmsprop"])
+    assert resolved_options("tent", {"lr": 0.01})["lr"] == 0.01
+    assert resolved_options("tent", {})["optimizer"] == "adam"
+
+
+
+
+def test_tta_corruption_runs_resumes_and_refuses_a_different_run_in_the_same_folder(tmp_path, capsys, monkeypatch):
+    import eval.corruption_benchmark as bench
+    from eval.demo import train_digits_cnn
+
+    model = train_digits_cnn(epochs=2, log=False)
+    monkeypatch.setattr(bench, "model_factory", lambda config, m=None: bench._fresh_copy(model, config))
+    out = tmp_path / "run"
+    argv = ["corruption", "--data", "digits", "--methods", "source,norm,tent", "--corruptions",
+            "gaussian_noise,contrast", "--severity", "5", "--batch-size", "64", "--n-images", "128", "--out", str(out),
+            "--no-progress", "--tent-lr", "0.002"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| source |" in printed and "| tent |" in printed and "gaussian_noise-5" in printed
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {(r["method"], r["corruption"]) for r in records} == {
+        (m, c) for m in ("source", "norm", "tent") for c in ("gaussian_noise", "contrast")}
+    assert all(r["n"] == 128 and 0 <= r["error"] <= 1 and r["seed"] == 0 for r in records)
+    tent = next(r for r in records if r["method"] == "tent")
+    assert tent["options"]["lr"] == 0.002
+    config = json.loads((out / "config.json").read_text())
+    assert config["resolved_options"]["tent"]["lr"] == 0.002 and config["versions"]["torch"]
+    # rerun: nothing recomputed, same table
+    assert main(argv) == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == 6
+    assert printed.split("results:")[0] == capsys.readouterr().out.split("results:")[0]
+    # a different run into the same folder is refused
+    with pytest.raises(ValueError, match="different run.*severity"):
+        main([*argv[:argv.index("--severity") + 1], "3", *argv[argv.index("--severity") + 2:]])
+
+
+def test_bad_method_and_missing_data_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        main(["corruption", "--data", "digits", "--methods", "nope", "--out", str(tmp_path / "a"), "--no-progress"])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        main(["corruption", "--data", str(tmp_path / "missing.zip"), "--methods", "source",
+              "--weights", "w.pt", "--out", str(tmp_path / "b"), "--no-progress"])
+
+
+def test_help_lists_subcommands(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    for command in ("demo", "corruption", "domains", "continual", "make-c", "bench"):
+        assert command in out
