@@ -129,9 +129,7 @@ def cafa_source_stats(config: BenchmarkConfig, make_model: Callable[[], nn.Modul
     if path.exists():
         return tta.SourceStats.load(path)
     source = streams.load_dataset(config.source_data or config.data, split=config.source_split)
-    from streams.image_dataset import class_balanced_subset
-
-    subset = class_balanced_subset(source, min(config.source_images, len(source)), seed=config.seed)
+    subset = streams.class_balanced_subset(source, min(config.source_images, len(source)), seed=config.seed)
     batches = []
     for start in range(0, len(subset), config.batch_size):
         x, y = subset.get_batch(torch.arange(start, min(start + config.batch_size, len(subset))))

@@ -16,6 +16,10 @@ _EXPORTS: dict[str, str] = {
     "corrupt": "streams.corruptions",
     # datasets
     "ImageDataset": "streams.datasets",
+    "LazyImageDataset": "streams.datasets",
+    "DataFormatError": "streams.datasets",
+    "random_subset": "streams.datasets",
+    "class_balanced_subset": "streams.datasets",
     "load_dataset": "streams.datasets",
     "load_imagefolder": "streams.datasets",
     "load_cifar": "streams.datasets",
