@@ -32,6 +32,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labelled source images (from --source-split) for cafa's class statistics")
     parser.add_argument("--source-split", default="train", help="split holding cafa's labelled source images")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
     add_method_options(parser)
 
 
@@ -72,7 +74,15 @@ def _ensure_weights(args: argparse.Namespace) -> None:
         args.weights = str(download_weights(model_entry(args.model)))
 
 
+def apply_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     _ensure_weights(args)
     config = config_from_args(args)
     print_tables(run_benchmark(config), config.out)
