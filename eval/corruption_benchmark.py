@@ -26,7 +26,7 @@ from eval.report import ErrorTable, write_report
 from eval.runner import MethodRun, run_methods
 
 # Fields that change results: a rerun into the same --out must agree on them (the others may differ).
-_RESULT_FIELDS = ("model", "weights", "data", "split", "corruptions", "severity", "protocol", "delta", "batch_size",
+_RESULT_FIELDS = ("model", "weights", "arch", "input_mean", "input_std", "data", "split", "corruptions", "severity", "protocol", "delta", "batch_size",
                   "n_images", "seed", "domains")
 
 
@@ -37,6 +37,11 @@ class BenchmarkConfig:
     out: str
     model: str = "cifar10_resnet20"
     weights: str | None = None
+    download: bool = False  # fetch published weights when none are given (needs a network)
+    arch: str | None = None  # package.module:callable for a model outside the registry (with a state dict)
+    input_mean: list[float] | None = None  # input normalisation of an --arch model (required with it)
+    input_std: list[float] | None = None
+    num_classes: int = 10
     data: str = "digits"
     split: str = "test"
     methods: list[str] = field(default_factory=lambda: list(tta.methods()))
@@ -116,11 +121,18 @@ def _fresh_copy(model: nn.Module, config: "BenchmarkConfig") -> Callable[[], nn.
 
 def model_factory(config: BenchmarkConfig, model: nn.Module | None = None) -> Callable[[], nn.Module]:
     """A function giving a fresh copy of the source model for each method (adapters change models in place)."""
-    from eval.models import load_model
+    from eval.models import custom_entry, load_model
 
     if model is not None:
         return _fresh_copy(model, config)
-    return lambda: load_model(config.model, config.weights, device=config.device)
+    entry = None
+    if config.arch:
+        if config.input_mean is None or config.input_std is None:
+            raise ValueError("--arch needs the model's input normalisation: --input-mean and --input-std "
+                             "(0,0,0 and 1,1,1 when the model normalises inside)")
+        entry = custom_entry(config.arch, tuple(config.input_mean), tuple(config.input_std), config.num_classes)
+    return lambda: load_model(config.model, config.weights, device=config.device, download=config.download,
+                              entry=entry)
 
 
 def cafa_source_stats(config: BenchmarkConfig, make_model: Callable[[], nn.Module], out: Path) -> tta.SourceStats:

@@ -13,12 +13,22 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _floats(text: str | None) -> list[float] | None:
+    return None if text is None else [float(t) for t in _csv(text)]
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by ``tta corruption`` and ``tta domains``."""
     parser.add_argument("--model", default="cifar10_resnet20",
                         help="registered model (cifar10_resnet20/32/44/56) or torchvision:<arch>")
     parser.add_argument("--weights", default=None, help="checkpoint file (state dict, loaded with weights_only=True)")
     parser.add_argument("--download", action="store_true", help="download the model's published weights (network)")
+    parser.add_argument("--arch", default=None,
+                        help="package.module:callable building the network, for a --weights state dict of a model "
+                             "outside the registry (needs --input-mean and --input-std)")
+    parser.add_argument("--input-mean", default=None, help="with --arch: per-channel mean, e.g. 0.485,0.456,0.406")
+    parser.add_argument("--input-std", default=None, help="with --arch: per-channel std, e.g. 0.229,0.224,0.225")
+    parser.add_argument("--num-classes", type=int, default=10, help="with --arch: number of classes")
     parser.add_argument("--methods", default=",".join(tta.methods()),
                         help=f"comma-separated methods (default: all: {','.join(tta.methods())})")
     parser.add_argument("--protocol", default="reset", choices=["reset", "continual", "gradual", "mixed", "correlated"])
@@ -52,7 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, **overrides) -> BenchmarkConfig:
     methods = _csv(args.methods)
     return BenchmarkConfig(
-        out=args.out, model=args.model, weights=args.weights, data=getattr(args, "data", "digits"),
+        out=args.out, model=args.arch or args.model, weights=args.weights, arch=args.arch,
+        download=args.download, input_mean=_floats(args.input_mean), input_std=_floats(args.input_std), num_classes=args.num_classes,
+        data=getattr(args, "data", "digits"),
         split=getattr(args, "split", "test"), methods=methods,
         method_options={m: method_options_from_args(args, m) for m in methods if m in tta.methods()},
         corruptions=getattr(args, "corruptions", "all"), severity=getattr(args, "severity", 5),
@@ -67,13 +79,6 @@ def print_tables(tables, out: str) -> None:
     print(f"results: {Path(out) / 'results.jsonl'}   table: {Path(out) / 'results.md'}   plots: {out}/*.png")
 
 
-def _ensure_weights(args: argparse.Namespace) -> None:
-    if args.weights is None and args.download:
-        from eval.models import download_weights, model_entry
-
-        args.weights = str(download_weights(model_entry(args.model)))
-
-
 def apply_threads(args: argparse.Namespace) -> None:
     if getattr(args, "threads", None):
         import torch
@@ -83,7 +88,6 @@ def apply_threads(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
-    _ensure_weights(args)
     config = config_from_args(args)
     print_tables(run_benchmark(config), config.out)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from eval.corruption_benchmark import run_benchmark
-from eval.corruption_cli import (_csv, _ensure_weights, add_common_arguments, apply_threads, config_from_args,
+from eval.corruption_cli import (_csv, add_common_arguments, apply_threads, config_from_args,
                                  print_tables)
 
 
@@ -18,7 +18,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
-    _ensure_weights(args)
     config = config_from_args(args, domains=_csv(args.domains), source_data=args.source_data)
     if "cafa" in config.methods:
         if not args.source_data:

@@ -84,6 +84,50 @@ for _depth, _file in ((20, "resnet20-12fca82f.th"), (32, "resnet32-d509ac18.th")
     ))
 
 
+IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # (x - 0) / 1: for models that normalise inside
+ROBUSTBENCH_SHAPES = {"cifar10": (32, 10), "cifar100": (32, 100), "imagenet": (224, 1000)}  # input size, classes
+
+
+def robustbench_dir() -> Path:
+    """Where robustbench checkpoints are looked for: $TTA_ROBUSTBENCH_DIR, else ~/.cache/tta-runtime/robustbench;
+    robustbench's own layout below it: <dir>/<dataset>/corruptions/<name>.pt."""
+    return Path(os.environ.get("TTA_ROBUSTBENCH_DIR", Path.home() / ".cache" / "tta-runtime" / "robustbench"))
+
+
+def _robustbench_entry(name: str) -> ModelEntry:
+    """``robustbench:<Name>`` (CIFAR-10) or ``robustbench:<dataset>/<Name>``, from the corruptions leaderboard."""
+    from robustbench.model_zoo import model_dicts
+    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+
+    spec = name.split(":", 1)[1]
+    dataset, _, model_name = spec.rpartition("/")
+    dataset = dataset or "cifar10"
+    if dataset not in ROBUSTBENCH_SHAPES:
+        raise ValueError(f"robustbench dataset must be one of {', '.join(ROBUSTBENCH_SHAPES)}, got {dataset!r}")
+    zoo = model_dicts[BenchmarkDataset(dataset)][ThreatModel.corruptions]
+    if model_name not in zoo:
+        raise ValueError(f"robustbench has no {dataset} corruptions model {model_name!r}; known: {', '.join(zoo)}")
+    size, classes = ROBUSTBENCH_SHAPES[dataset]
+    return ModelEntry(name=name, build=zoo[model_name]["model"], mean=IDENTITY[0], std=IDENTITY[1],
+                      num_classes=classes, input_size=size, weights_file=f"{dataset}/corruptions/{model_name}.pt",
+                      notes="robustbench model: input normalisation is inside the network")
+
+
+def _callable_entry(arch: str, mean: tuple[float, ...], std: tuple[float, ...], num_classes: int,
+                    input_size: int) -> ModelEntry:
+    """Any architecture given as ``package.module:callable`` returning an nn.Module (weights from a state dict)."""
+    import importlib
+
+    module_name, _, attr = arch.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--arch must look like package.module:callable, got {arch!r}")
+    try:
+        build = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot import {arch!r}: {error}") from error
+    return ModelEntry(name=arch, build=build, mean=mean, std=std, num_classes=num_classes, input_size=input_size)
+
+
 def _torchvision_entry(name: str) -> ModelEntry:
     import torchvision
 
@@ -98,8 +142,11 @@ def model_entry(name: str) -> ModelEntry:
     """The entry for a registered name, or ``torchvision:<arch>`` for any torchvision ImageNet model."""
     if name.startswith("torchvision:"):
         return _torchvision_entry(name)
+    if name.startswith("robustbench:"):
+        return _robustbench_entry(name)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}, or torchvision:<arch>")
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}, torchvision:<arch>, "
+                         "robustbench:[<dataset>/]<name>, or --arch package.module:callable")
     return MODELS[name]
 
 
@@ -146,17 +193,32 @@ def download_weights(entry: ModelEntry, cache_dir: str | os.PathLike | None = No
 
 
 def load_model(name: str, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-               download: bool = False) -> nn.Module:
-    """Build a registered model with its input normalisation, load weights, return it in eval mode.
+               download: bool = False, entry: ModelEntry | None = None) -> nn.Module:
+    """Build a model with its input normalisation, load weights, return it in eval mode.
 
-    ``weights``: a checkpoint path (state dict, loaded with ``weights_only=True``). Without it, ``download=True``
-    fetches the published weights; otherwise the model keeps its random initialisation only if the entry has no
-    published weights (an error is raised otherwise, so results are never silently random).
+    ``weights``: a checkpoint path (state dict, loaded with ``weights_only=True``). Without it: robustbench models
+    are looked for in :func:`robustbench_dir`; ``download=True`` fetches published weights (needs a network);
+    an entry with published weights but none given is an error, so results are never silently random.
+    ``entry`` overrides the registry (e.g. one made by :func:`custom_entry`).
     """
-    entry = model_entry(name)
+    entry = entry or model_entry(name)
     net = entry.build()
+    if weights is None and name.startswith("robustbench:"):
+        local = robustbench_dir() / entry.weights_file
+        if local.exists():
+            weights = local
+        elif download:
+            weights = _download_robustbench(name, entry)
+        else:
+            raise FileNotFoundError(f"robustbench checkpoint not found at {local}; put the file there (or set "
+                                    "TTA_ROBUSTBENCH_DIR), pass weights=PATH, or download=True")
     if weights is None and download:
-        weights = download_weights(entry)
+        if name.startswith("torchvision:"):
+            import torchvision
+
+            net = torchvision.models.get_model(name.split(":", 1)[1], weights="DEFAULT")
+        else:
+            weights = download_weights(entry)
     if weights is not None:
         state = load_checkpoint(weights)
         missing, unexpected = net.load_state_dict(state, strict=False)
@@ -167,3 +229,19 @@ def load_model(name: str, weights: str | os.PathLike | None = None, device: str 
         raise ValueError(f"model {name} needs weights: pass weights=PATH (e.g. {entry.weights_file}) or download=True")
     model = NormalizedModel(net, entry.mean, entry.std)
     return model.to(device).eval()
+
+
+def custom_entry(arch: str, mean: tuple[float, ...], std: tuple[float, ...], num_classes: int = 10,
+                 input_size: int = 32) -> ModelEntry:
+    """An entry for ``--arch package.module:callable``; the input normalisation must be given, never guessed."""
+    return _callable_entry(arch, tuple(mean), tuple(std), num_classes, input_size)
+
+
+def _download_robustbench(name: str, entry: ModelEntry) -> Path:
+    """robustbench's own download (Google Drive; needs a network) into :func:`robustbench_dir`."""
+    from robustbench.utils import load_model as robustbench_load
+
+    dataset, _, model_name = name.split(":", 1)[1].rpartition("/")
+    robustbench_load(model_name, model_dir=str(robustbench_dir()), dataset=dataset or "cifar10",
+                     threat_model="corruptions")
+    return robustbench_dir() / entry.weights_file

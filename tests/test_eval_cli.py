@@ -76,3 +76,35 @@ def test_help_lists_subcommands(capsys):
     out = capsys.readouterr().out
     for command in ("demo", "corruption", "domains", "continual", "make-c", "bench"):
         assert command in out
+
+
+def test_models_by_registry_torchvision_robustbench_and_arch(tmp_path, monkeypatch):
+    import torch
+
+    from eval.models import custom_entry, load_checkpoint, load_model, model_entry
+
+    tv = load_model("torchvision:resnet18")
+    assert tv(torch.rand(1, 3, 64, 64)).shape == (1, 1000)
+    # robustbench: found by name in its own layout under TTA_ROBUSTBENCH_DIR
+    monkeypatch.setenv("TTA_ROBUSTBENCH_DIR", str(tmp_path))
+    entry = model_entry("robustbench:Standard")
+    with pytest.raises(FileNotFoundError, match="robustbench checkpoint not found"):
+        load_model("robustbench:Standard")
+    state = entry.build().state_dict()
+    (tmp_path / "cifar10" / "corruptions").mkdir(parents=True)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / entry.weights_file)
+    model = load_model("robustbench:Standard")
+    assert torch.equal(model.net.state_dict()[next(iter(state))], next(iter(state.values())))
+    # --arch with an explicit normalisation, loading a state dict
+    arch_entry = custom_entry("eval.demo:digits_cnn", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    from eval.demo import digits_cnn
+
+    torch.save(digits_cnn().state_dict(), tmp_path / "digits.pt")
+    custom = load_model("eval.demo:digits_cnn", tmp_path / "digits.pt", entry=arch_entry)
+    assert custom.normalize.std.flatten().tolist() == [0.25] * 3
+    with pytest.raises(ValueError, match="package.module:callable"):
+        custom_entry("no_colon", (0,), (1,))
+    # a whole pickled module is refused by weights_only loading, with the file named
+    torch.save(digits_cnn(), tmp_path / "module.pt")
+    with pytest.raises(ValueError, match="module.pt.*weights_only"):
+        load_checkpoint(tmp_path / "module.pt")
