@@ -38,6 +38,7 @@ class Adapted(nn.Module):
         self.model = model
         self.options = options
         self.batches_seen = 0
+        self.skipped_steps = 0
         self._released = False
         self._input_ndim = expected_input_ndim(model)
         self._dtype = model_dtype(model)
@@ -79,6 +80,7 @@ class Adapted(nn.Module):
         """Return to the source model exactly: norm-layer tensors and optimizer state, bitwise."""
         self._snapshot.restore()
         self.batches_seen = 0
+        self.skipped_steps = 0
 
     def release(self) -> nn.Module:
         """Reset, undo every change made to the model (layers, flags, modes) and return it."""
@@ -150,6 +152,8 @@ class GradientAdapter(BatchNormAdapter):
     Every other parameter gets ``requires_grad=False`` while adapted (no weight gradients are computed for it,
     and it never changes); ``release()`` restores the flags. Each step: forward, loss, backward, optimizer step;
     the logits returned are those of the last forward, computed before its update (as tent does).
+    A step whose loss is not finite (e.g. from inputs so large that the network overflows) is skipped, so one bad
+    batch cannot poison the parameters; ``skipped_steps`` counts them.
     """
 
     Options: ClassVar[type] = GradientOptions
@@ -166,6 +170,7 @@ class GradientAdapter(BatchNormAdapter):
         for p in self.params:
             p.requires_grad_(True)
         self.optimizer = make_optimizer(self.params, self.options)
+        self.skipped_steps = 0
 
     def _make_snapshot(self) -> Snapshot:
         return Snapshot(self._norm_tensors(), self.optimizer)
@@ -182,6 +187,9 @@ class GradientAdapter(BatchNormAdapter):
             for _ in range(self.options.steps):
                 logits = self.model(x)
                 loss = self.loss(x, logits)
+                if not bool(torch.isfinite(loss)):
+                    self.skipped_steps += 1
+                    break
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
