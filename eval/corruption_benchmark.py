@@ -24,6 +24,7 @@ from eval.metrics import mce
 from eval.records import ResultsLog, write_json_atomic
 from eval.report import ErrorTable, write_report
 from eval.runner import MethodRun, run_methods
+from streams.protocols import corruption_names
 
 # Fields that change results: a rerun into the same --out must agree on them (the others may differ).
 _RESULT_FIELDS = ("model", "weights", "arch", "input_mean", "input_std", "data", "split", "corruptions", "severity", "protocol", "delta", "batch_size",
@@ -94,7 +95,7 @@ def build_stream(config: BenchmarkConfig):
                                          seed=config.seed, n_images=config.n_images, delta=config.delta)
         return streams.make_stream(data, protocol)
     if config.data != "digits" and (_pre_corrupted_folder(path) or _imagenet_c_folder(path)):
-        names = streams.protocols.corruption_names(config.corruptions)
+        names = corruption_names(config.corruptions)
         loader = streams.load_cifar_c if _pre_corrupted_folder(path) else streams.load_imagenet_c
         if config.protocol == "gradual":
             raise ValueError("the gradual protocol needs on-the-fly corruption (give clean data, not a -C folder)")

@@ -1,0 +1,518 @@
+"""Measurement core of ``tta bench``: speed, memory and pass counts of each method against plain inference.
+
+Everything is measured in one process and one run, so ratios compare like with like:
+
+- Timing: every row (plain inference, each method, the reference-style rows) holds its own copy of the model;
+  after warm-up, each repeat times one batch of every row, interleaved (the order rotates each repeat), so a
+  change in machine load hits all rows alike. ``ratio_to_plain`` = median ms of the row / median ms of plain.
+- Passes: a forward hook on the model counts forward samples; gradient hooks on its trainable parameters count
+  a backward pass when gradients reach the model after a forward (one un-timed counting batch, hooks removed
+  before timing).
+- Memory (CPU): peak RSS minus the RSS before the adapter is built (model loaded, inputs made, cafa's source
+  statistics computed), in a fresh subprocess per row (``memory="subprocess"``), with the kernel's peak-RSS
+  counter reset first (``/proc/self/clear_refs``). In-process RSS would be distorted by the rows measured before
+  (the process-wide high-water mark, memory freed to malloc but not to the system). CUDA: in process,
+  ``max_memory_allocated`` after ``reset_peak_memory_stats``, minus the allocation before the adapter is built.
+- Reset: median ms of ``reset()``, after the timed batches; its cost does not depend on the data.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import tta
+from eval.bench_reference import ReferenceNorm, ReferenceTent
+from eval.environment import versions
+from eval.models import NormalizedModel, load_model, model_entry
+
+PLAIN = "plain"
+REFERENCE_ROWS = {"norm_ref": "norm (reference)", "tent_ref": "tent (reference)",
+                  "tent_ref_frozen": "tent (reference, frozen)"}
+ALL_REFERENCES = ["norm_ref", "tent_ref"]
+
+
+def row_names(methods: str | list[str]) -> list[str]:
+    """Rows to measure, plain first: ``all`` = every registered method plus the reference rows ``norm_ref`` and
+    ``tent_ref``; ``tent_ref_frozen`` (reference tent with the other parameters frozen) only when named."""
+    given = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    names: list[str] = []
+    for name in given:
+        expanded = [*tta.methods(), *ALL_REFERENCES] if name == "all" else [name]
+        for item in expanded:
+            if item in REFERENCE_ROWS.values():  # accept the display name too
+                item = next(k for k, v in REFERENCE_ROWS.items() if v == item)
+            if item not in (PLAIN, *tta.methods(), *REFERENCE_ROWS):
+                raise ValueError(f"unknown method {item!r}; choose from: all, {', '.join(tta.methods())}, "
+                                 f"{', '.join(REFERENCE_ROWS)} (plain inference is always measured)")
+            label = REFERENCE_ROWS.get(item, item)
+            if item and label not in names and label != PLAIN:
+                names.append(label)
+    return [PLAIN, *names]
+
+
+@dataclass
+class BenchConfig:
+    """What ``tta bench`` measures and how; every field is written to bench.json as ``settings``."""
+
+    model: str = "cifar10_resnet20"
+    weights: str | None = None
+    methods: list[str] = field(default_factory=lambda: ["all"])
+    batch_size: int = 200
+    device: str = "cpu"
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    repeats: int = 20
+    warmup: int = 3
+    threads: int | None = None
+    seed: int = 0
+    check_inputs: bool = True
+    memory: str = "subprocess"
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def validate(self) -> list[str]:
+        """Check the settings (clear errors before any work) and return the rows to measure."""
+        rows = row_names(self.methods)
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: CUDA is not available (torch {torch.__version__}"
+                             f"{', a CPU-only build' if torch.version.cuda is None else ''}); use --device cpu")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+        if self.batch_size < 2:
+            raise ValueError("--batch-size must be at least 2 (norm, tent and cafa need batch statistics)")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError("--repeats must be at least 1 and --warmup at least 0")
+        if self.memory not in ("subprocess", "inprocess", "off"):
+            raise ValueError(f"memory must be subprocess, inprocess or off, got {self.memory!r}")
+        return rows
+
+
+# -- model, inputs, rows ------------------------------------------------------------------------------------------
+def build_model(config: BenchConfig) -> tuple[nn.Module, str]:
+    """The model on its device (eval mode) and a note on its weights; without weights, a seeded random init."""
+    entry = model_entry(config.model)
+    if config.weights is not None:
+        model, note = load_model(config.model, config.weights), f"weights: {config.weights}"
+    else:
+        torch.manual_seed(config.seed)
+        model = NormalizedModel(entry.build(), entry.mean, entry.std).eval()
+        note = "random initialisation (no --weights): timing and memory only, predictions are meaningless"
+    model = model.to(config.device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, note
+
+
+def make_inputs(config: BenchConfig, count: int = 4) -> list[torch.Tensor]:
+    """``count`` batches of uniform random images of the model's input size, seeded (cycled over the repeats)."""
+    size = model_entry(config.model).input_size
+    generator = torch.Generator().manual_seed(config.seed)
+    batches = [torch.rand(config.batch_size, 3, size, size, generator=generator) for _ in range(count)]
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    return [x.to(config.device).contiguous(memory_format=memory_format) for x in batches]
+
+
+def random_source_stats(model: nn.Module, config: BenchConfig) -> tta.SourceStats:
+    """cafa's source statistics from seeded random images with labels cycling over the classes (timing only):
+    two batches, or enough images for every class plus one."""
+    entry = model_entry(config.model)
+    n = max(2 * config.batch_size, entry.num_classes + 1)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    labels = torch.arange(n) % entry.num_classes
+    batches = []
+    for start in range(0, n, config.batch_size):
+        y = labels[start:start + config.batch_size]
+        x = torch.rand(len(y), 3, entry.input_size, entry.input_size, generator=generator).to(config.device)
+        batches.append((x, y))
+    return tta.source_stats(model, batches, num_classes=entry.num_classes)
+
+
+@dataclass
+class Row:
+    """One measured row: the module whose passes are counted, a call ``x -> logits``, and ``reset`` if any."""
+
+    name: str
+    kind: str  # plain | tta | reference
+    module: nn.Module
+    call: Callable[[torch.Tensor], torch.Tensor]
+    reset: Callable[[], None] | None
+    options: dict[str, Any]
+
+
+def _autocast(config: BenchConfig) -> contextlib.AbstractContextManager:
+    device_type = "cuda" if config.device.startswith("cuda") else "cpu"
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.amp)
+
+
+def build_row(name: str, model: nn.Module, config: BenchConfig, stats: tta.SourceStats | None) -> Row:
+    """Wrap ``model`` (used in place) for one row. Calls run as an evaluation loop would: plain inference under
+    ``torch.inference_mode()``, adapters and references under ``torch.no_grad()`` (gradient methods enable
+    gradients inside, as tent's ``forward_and_adapt`` does)."""
+    if name == PLAIN:
+        model.eval()
+
+        def plain(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode(), _autocast(config):
+                return model(x)
+
+        return Row(name, "plain", model, plain, None, {})
+    if name in REFERENCE_ROWS.values():
+        key = next(k for k, v in REFERENCE_ROWS.items() if v == name)
+        if key == "norm_ref":
+            wrapped: nn.Module = ReferenceNorm(model)
+            options: dict[str, Any] = {}
+        else:
+            given = config.method_options.get("tent", {})
+            tent_options = tta.method_options("tent")(**given)
+            wrapped = ReferenceTent(model, tent_options, freeze_other_params=key == "tent_ref_frozen")
+            options = _public_options(tent_options)
+        kind = "reference"
+    else:
+        given = dict(config.method_options.get(name, {}))
+        given.setdefault("check_inputs", config.check_inputs)
+        if name == "cafa":
+            given["source_stats"] = stats
+        wrapped = tta.adapt(model, name, **given)
+        options = _public_options(wrapped.options)
+        kind = "tta"
+
+    def adapt(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), _autocast(config):
+            return wrapped(x)
+
+    return Row(name, kind, wrapped.model, adapt, wrapped.reset, options)
+
+
+def _public_options(options: Any) -> dict[str, Any]:
+    return {k: v for k, v in asdict(options).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+# -- pass counting ------------------------------------------------------------------------------------------------
+class PassCounter:
+    """Counts samples through the model: forward by a forward hook; backward by gradient hooks on the trainable
+    parameters (a forward whose graph later delivers gradients to the model counts as one backward pass)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.forward_samples = 0
+        self.backward_samples = 0
+        self._pending = 0
+        self._handles = [model.register_forward_hook(self._on_forward)]
+        self._handles += [p.register_hook(self._on_gradient) for p in model.parameters() if p.requires_grad]
+
+    def _on_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        n = len(args[0])
+        self.forward_samples += n
+        self._pending = n if torch.is_grad_enabled() else 0
+
+    def _on_gradient(self, grad: torch.Tensor) -> None:
+        self.backward_samples += self._pending
+        self._pending = 0
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def count_passes(row: Row, x: torch.Tensor) -> tuple[float, float]:
+    """(forward, backward) passes per sample over one batch, counted with hooks."""
+    counter = PassCounter(row.module)
+    try:
+        row.call(x)
+    finally:
+        counter.remove()
+    return counter.forward_samples / len(x), counter.backward_samples / len(x)
+
+
+# -- timing -------------------------------------------------------------------------------------------------------
+def _sync(config: BenchConfig) -> None:
+    if config.device.startswith("cuda"):
+        torch.cuda.synchronize(config.device)
+
+
+def timed(fn: Callable[[], Any], config: BenchConfig) -> float:
+    """Milliseconds of one call (synchronised on CUDA)."""
+    _sync(config)
+    start = time.perf_counter()
+    fn()
+    _sync(config)
+    return (time.perf_counter() - start) * 1e3
+
+
+def compile_row(row: Row) -> None:
+    """``torch.compile`` the row's model forward in place (module.compile keeps hooks and parameters)."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
+    row.module.compile()
+
+
+def time_rows(rows: list[Row], inputs: list[torch.Tensor], config: BenchConfig) -> dict[str, list[float]]:
+    """Per-row batch times (ms), interleaved: each repeat times one batch of every row, order rotated."""
+    times: dict[str, list[float]] = {row.name: [] for row in rows}
+    for r in range(config.repeats):
+        x = inputs[r % len(inputs)]
+        shift = r % len(rows)
+        for row in rows[shift:] + rows[:shift]:
+            times[row.name].append(timed(lambda: row.call(x), config))
+    return times
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default) of a non-empty list."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+# -- memory -------------------------------------------------------------------------------------------------------
+def _status_kb(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_row_memory(config: BenchConfig, name: str) -> dict[str, Any]:
+    """Peak memory increase (MB) of running one row: warm-up plus two batches, from before the adapter is built."""
+    model, _ = build_model(config)
+    inputs = make_inputs(config)
+    stats = random_source_stats(model, config) if name == "cafa" else None
+    batches = max(config.warmup, 1) + 2
+    gc.collect()
+    if config.device.startswith("cuda"):
+        torch.cuda.synchronize(config.device)
+        torch.cuda.reset_peak_memory_stats(config.device)
+        baseline = torch.cuda.memory_allocated(config.device)
+        row = build_row(name, model, config, stats)
+        for i in range(batches):
+            row.call(inputs[i % len(inputs)])
+        torch.cuda.synchronize(config.device)
+        peak = torch.cuda.max_memory_allocated(config.device) - baseline
+        return {"peak_memory_mb": peak / 2**20, "memory_method": "cuda max_memory_allocated - allocated before"}
+    exact = _reset_peak_rss()
+    baseline_kb = _status_kb("VmRSS")
+    row = build_row(name, model, config, stats)
+    for i in range(batches):
+        row.call(inputs[i % len(inputs)])
+    peak_kb = _status_kb("VmHWM")
+    if baseline_kb is None or peak_kb is None:
+        return {"peak_memory_mb": None, "memory_method": "unavailable (no /proc/self/status)"}
+    method = "peak RSS (VmHWM, reset) - RSS before" if exact else "peak RSS (VmHWM, not resettable) - RSS before"
+    return {"peak_memory_mb": max(peak_kb - baseline_kb, 0) / 1024, "memory_method": method,
+            "rss_before_mb": baseline_kb / 1024}
+
+
+def probe_memory(config: BenchConfig, name: str, timeout: float = 900.0) -> dict[str, Any]:
+    """:func:`measure_row_memory` in a fresh Python process (CPU), so no earlier row distorts the RSS."""
+    spec = json.dumps({"config": asdict(config), "row": name})
+    code = "import sys; from eval.bench import probe_main; sys.exit(probe_main())"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    try:
+        done = subprocess.run([sys.executable, "-c", code], input=spec, capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"peak_memory_mb": None, "memory_method": f"subprocess timed out after {timeout:.0f} s"}
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"peak_memory_mb": None, "memory_method": f"subprocess failed: {tail}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def probe_main() -> int:
+    """Entry of the memory subprocess: reads ``{"config", "row"}`` JSON on stdin, prints the result as JSON."""
+    spec = json.loads(sys.stdin.read())
+    config = BenchConfig(**spec["config"])
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    print(json.dumps(measure_row_memory(config, spec["row"])))
+    return 0
+
+
+# -- the whole run ------------------------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    """Facts about this machine beyond :func:`eval.environment.versions`."""
+    cpu = None
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), None)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "load_average": load,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Measure every row; returns ``{"records": [...], "settings", "weights", "versions", "machine", "date"}``."""
+    names = config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    started = machine()
+    base, weights_note = build_model(config)
+    inputs = make_inputs(config)
+    stats = random_source_stats(base, config) if "cafa" in names else None
+    log(f"model {config.model}, batch {config.batch_size}, {config.device}, {weights_note}")
+
+    rows: list[Row] = []
+    records: dict[str, dict[str, Any]] = {}
+    for name in names:
+        record: dict[str, Any] = {"method": name, "error": None}
+        records[name] = record
+        try:
+            row = build_row(name, copy.deepcopy(base), config, stats)
+            record.update(kind=row.kind, options=row.options)
+            record["forward_per_sample"], record["backward_per_sample"] = count_passes(row, inputs[0])
+            if config.compile:
+                compile_row(row)
+            first = [timed(lambda: row.call(inputs[0]), config)]
+            first += [timed(lambda: row.call(inputs[i % len(inputs)]), config)
+                      for i in range(1, config.warmup)]
+            record["first_batch_ms"] = first[0]
+            rows.append(row)
+        except Exception as error:  # a row that cannot run (e.g. compile failure) is reported, not fatal
+            if name == PLAIN:
+                raise
+            record["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            log(f"{name}: failed: {record['error']}")
+
+    log(f"timing {len(rows)} rows x {config.repeats} repeats, interleaved")
+    times = time_rows(rows, inputs, config)
+    plain_ms = statistics.median(times[PLAIN])
+    for row in rows:
+        ms = times[row.name]
+        paired = [t / p for t, p in zip(ms, times[PLAIN])]
+        median = statistics.median(ms)
+        records[row.name].update(
+            ms_per_batch=median, images_per_s=config.batch_size / median * 1e3, ratio_to_plain=median / plain_ms,
+            ms_p25=quantile(ms, 0.25), ms_p75=quantile(ms, 0.75), ms_min=min(ms), ms_max=max(ms),
+            ratio_paired_p25=quantile(paired, 0.25), ratio_paired_p75=quantile(paired, 0.75), ms_all=ms)
+        if row.reset is not None:
+            reset_ms = [timed(row.reset, config) for _ in range(max(config.repeats, 5))]
+            records[row.name].update(reset_ms=statistics.median(reset_ms),
+                                     reset_ratio_to_batch=statistics.median(reset_ms) / median)
+    del rows
+    gc.collect()
+
+    for name, record in records.items():
+        if config.memory == "off" or record["error"]:
+            continue
+        log(f"memory: {name}")
+        if config.memory == "subprocess" and not config.device.startswith("cuda"):
+            record.update(probe_memory(config, name))
+        else:
+            record.update(measure_row_memory(config, name))
+            if config.memory == "inprocess" and not config.device.startswith("cuda"):
+                record["memory_method"] += " (in process: earlier rows may hide part of the peak)"
+    plain_mb = records[PLAIN].get("peak_memory_mb")
+    for record in records.values():
+        record.setdefault("peak_memory_mb", None)
+        mb = record["peak_memory_mb"]
+        record["memory_ratio_to_plain"] = mb / plain_mb if mb is not None and plain_mb else None
+        if config.compile and mb is not None:
+            record["memory_method"] += " (eager: not compiled)"
+        for key in ("ms_per_batch", "images_per_s", "ratio_to_plain", "forward_per_sample", "backward_per_sample",
+                    "reset_ms", "reset_ratio_to_batch", "first_batch_ms"):
+            record.setdefault(key, None)
+    result = {"records": list(records.values()), "settings": {**asdict(config), "rows": names},
+              "weights": weights_note, "versions": versions(), "machine": {"start": started, "end": machine()},
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    result["goals"] = check_goals(result)
+    return result
+
+
+# -- goals, table, output -----------------------------------------------------------------------------------------
+GOALS = {"forward_only_ratio": 1.10, "gradient_ratio": 2.5, "reset_fraction": 0.01, "gradient_memory_ratio": 3.0}
+
+
+def check_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's goals, each with the measured value and whether it is met (None where not measured)."""
+    by_name = {r["method"]: r for r in result["records"]}
+    reference = by_name.get(REFERENCE_ROWS["tent_ref"], {}).get("ms_per_batch")
+    goals = []
+
+    def add(goal: str, value: float | None, met: bool | None) -> None:
+        goals.append({"goal": goal, "value": value, "met": met})
+
+    for name, record in by_name.items():
+        if record.get("kind") != "tta" or record.get("ratio_to_plain") is None:
+            continue
+        ratio = record["ratio_to_plain"]
+        if name in ("norm", "alpha_bn"):
+            add(f"{name} <= {GOALS['forward_only_ratio']:.2f}x plain", ratio, ratio <= GOALS["forward_only_ratio"])
+        if name in ("tent", "core", "cafa"):
+            add(f"{name} <= {GOALS['gradient_ratio']}x plain", ratio, ratio <= GOALS["gradient_ratio"])
+            if reference is not None:
+                speedup = reference / record["ms_per_batch"]
+                add(f"{name} faster than tent (reference) [speedup]", speedup, speedup > 1.0)
+            mem = record.get("memory_ratio_to_plain")
+            add(f"{name} peak memory <= {GOALS['gradient_memory_ratio']:.0f}x plain", mem,
+                None if mem is None else mem <= GOALS["gradient_memory_ratio"])
+        if record.get("reset_ratio_to_batch") is not None and name != "source":
+            fraction = record["reset_ratio_to_batch"]
+            add(f"{name} reset <= 1 % of a batch", fraction, fraction <= GOALS["reset_fraction"])
+    return goals
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The records as a Markdown table, then the goals."""
+    lines = ["| method | images/s | ms/batch (median) | IQR ms | x plain | fwd/bwd per image | peak MB | "
+             "x plain mem | reset ms | reset / batch |", "|---|" + "---:|" * 9]
+    for r in result["records"]:
+        if r["error"]:
+            lines.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 8)
+            continue
+        iqr = "-" if r.get("ms_p25") is None else f"{r['ms_p25']:.1f}-{r['ms_p75']:.1f}"
+        passes = "-" if r["forward_per_sample"] is None else f"{r['forward_per_sample']:g} / {r['backward_per_sample']:g}"
+        lines.append(
+            f"| {r['method']} | {_fmt(r['images_per_s'], '.0f')} | {_fmt(r['ms_per_batch'], '.1f')} | {iqr} | "
+            f"{_fmt(r['ratio_to_plain'], '.2f')} | {passes} | {_fmt(r['peak_memory_mb'], '.1f')} | "
+            f"{_fmt(r['memory_ratio_to_plain'], '.2f')} | {_fmt(r['reset_ms'], '.3f')} | "
+            f"{_fmt(None if r['reset_ratio_to_batch'] is None else 100 * r['reset_ratio_to_batch'], '.2f', ' %')} |")
+    goals = result.get("goals") or check_goals(result)
+    if goals:
+        lines += ["", "| goal | measured | met |", "|---|---:|---|"]
+        for g in goals:
+            met = "not measured" if g["met"] is None else ("yes" if g["met"] else "NO")
+            lines.append(f"| {g['goal']} | {_fmt(g['value'], '.3f')} | {met} |")
+    return "\n".join(lines)
+
+
+def write_json(result: dict[str, Any], out: str | os.PathLike) -> Path:
+    """Write ``bench.json`` (atomically) in ``out`` and return its path."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "bench.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
