@@ -88,7 +88,7 @@ def plot_errors(table: ErrorTable, path: str | os.PathLike, title: str | None = 
 
     columns = [*table.columns, "mean"]
     width = 0.8 / max(len(table.methods), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(columns) * max(1, len(table.methods)) ** 0.5 + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 1.5 + 0.75 * len(columns))), 4.8))
     x = np.arange(len(columns))
     for i, m in enumerate(table.methods):
         values = [100 * table.errors[m].get(c, np.nan) for c in table.columns] + [100 * table.mean(m)]
