@@ -19,9 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     config = config_from_args(args, domains=_csv(args.domains), source_data=args.source_data)
-    if "cafa" in config.methods:
-        if not args.source_data:
-            raise SystemExit("tta domains: cafa needs labelled source data: pass --source-data PATH, or leave cafa "
-                             "out of --methods")
+    if "cafa" in config.methods and not args.source_data:
+        raise ValueError("cafa needs labelled source data: pass --source-data PATH (an ImageFolder of the "
+                         "training domain), or leave cafa out of --methods")
     print_tables(run_benchmark(config), config.out)
     return 0

@@ -112,3 +112,43 @@ def test_models_by_registry_torchvision_robustbench_and_arch(tmp_path, monkeypat
     torch.save(digits_cnn(), tmp_path / "module.pt")
     with pytest.raises(ValueError, match="module.pt.*weights_only"):
         load_checkpoint(tmp_path / "module.pt")
+
+
+def _image_folder(root, domain_shift, n_per_class=12, seed=0):
+    """A tiny ImageFolder: class 'dark' images are darker than class 'light' ones, plus a domain-wide shift."""
+    import numpy as np
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    for label, base in (("dark", 60), ("light", 170)):
+        (root / label).mkdir(parents=True)
+        for i in range(n_per_class):
+            pixels = np.clip(g.normal(base + domain_shift, 25, (32, 32, 3)), 0, 255).astype("uint8")
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+
+
+def test_tta_domains_on_one_imagefolder_per_domain(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import eval.corruption_benchmark as bench
+    from eval.demo import digits_cnn
+
+    for name, shift in (("photo", 0), ("sketch", 40), ("cartoon", -40)):
+        _image_folder(tmp_path / "pacs" / name, shift)
+    _image_folder(tmp_path / "source", 0, seed=1)
+    torch.manual_seed(0)
+    model = digits_cnn(num_classes=2).eval()
+    monkeypatch.setattr(bench, "model_factory", lambda config, m=None: bench._fresh_copy(model, config))
+    out = tmp_path / "out"
+    argv = ["domains", "--data", str(tmp_path / "pacs"), "--domains", "sketch,cartoon", "--methods",
+            "source,norm,cafa", "--source-data", str(tmp_path / "source"), "--batch-size", "8", "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["domain"]) for r in records] == [
+        (m, d) for d in ("sketch", "cartoon") for m in ("source", "norm", "cafa")]
+    assert all(r["n"] == 24 for r in records)
+    assert "| source |" in capsys.readouterr().out
+    # cafa without labelled source data is refused with a clear message
+    assert main([*argv[:argv.index("--source-data")], *argv[argv.index("--source-data") + 2:]]) == 2
+    assert "--source-data" in capsys.readouterr().err
