@@ -47,7 +47,8 @@ ALL_REFERENCES = ["norm_ref", "tent_ref"]
 def row_names(methods: str | list[str]) -> list[str]:
     """Rows to measure, plain first: ``all`` = every registered method plus the reference rows ``norm_ref`` and
     ``tent_ref``; ``tent_ref_frozen`` (reference tent with the other parameters frozen) only when named."""
-    given = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    parts = [methods] if isinstance(methods, str) else list(methods)
+    given = [m.strip() for part in parts for m in part.split(",") if m.strip()]
     names: list[str] = []
     for name in given:
         expanded = [*tta.methods(), *ALL_REFERENCES] if name == "all" else [name]
@@ -58,7 +59,7 @@ def row_names(methods: str | list[str]) -> list[str]:
                 raise ValueError(f"unknown method {item!r}; choose from: all, {', '.join(tta.methods())}, "
                                  f"{', '.join(REFERENCE_ROWS)} (plain inference is always measured)")
             label = REFERENCE_ROWS.get(item, item)
-            if item and label not in names and label != PLAIN:
+            if label not in names and label != PLAIN:
                 names.append(label)
     return [PLAIN, *names]
 
@@ -127,9 +128,10 @@ def make_inputs(config: BenchConfig, count: int = 4) -> list[torch.Tensor]:
 
 def random_source_stats(model: nn.Module, config: BenchConfig) -> tta.SourceStats:
     """cafa's source statistics from seeded random images with labels cycling over the classes (timing only):
-    two batches, or enough images for every class plus one."""
+    two batches, or enough images for the covariance cafa uses (tied: every class once plus one)."""
     entry = model_entry(config.model)
-    n = max(2 * config.batch_size, entry.num_classes + 1)
+    per_class = config.method_options.get("cafa", {}).get("covariance", "tied") == "class"
+    n = max(2 * config.batch_size, (2 if per_class else 1) * entry.num_classes + 1)
     generator = torch.Generator().manual_seed(config.seed + 1)
     labels = torch.arange(n) % entry.num_classes
     batches = []
@@ -137,7 +139,7 @@ def random_source_stats(model: nn.Module, config: BenchConfig) -> tta.SourceStat
         y = labels[start:start + config.batch_size]
         x = torch.rand(len(y), 3, entry.input_size, entry.input_size, generator=generator).to(config.device)
         batches.append((x, y))
-    return tta.source_stats(model, batches, num_classes=entry.num_classes)
+    return tta.source_stats(model, batches, num_classes=entry.num_classes, class_covariance=per_class)
 
 
 @dataclass
@@ -299,13 +301,23 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _release_free_memory() -> None:
+    """Collect garbage and hand malloc's free pages back to the system (glibc ``malloc_trim``), so that memory
+    allocated afterwards shows up in the RSS instead of reusing pages the process already holds."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def measure_row_memory(config: BenchConfig, name: str) -> dict[str, Any]:
     """Peak memory increase (MB) of running one row: warm-up plus two batches, from before the adapter is built."""
     model, _ = build_model(config)
     inputs = make_inputs(config)
     stats = random_source_stats(model, config) if name == "cafa" else None
     batches = max(config.warmup, 1) + 2
-    gc.collect()
+    _release_free_memory()
     if config.device.startswith("cuda"):
         torch.cuda.synchronize(config.device)
         torch.cuda.reset_peak_memory_stats(config.device)

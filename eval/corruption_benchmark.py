@@ -27,7 +27,7 @@ from eval.runner import MethodRun, run_methods
 from streams.protocols import corruption_names
 
 # Fields that change results: a rerun into the same --out must agree on them (the others may differ).
-_RESULT_FIELDS = ("model", "weights", "arch", "input_mean", "input_std", "data", "split", "corruptions", "severity", "protocol", "delta", "batch_size",
+_RESULT_FIELDS = ("model", "weights", "arch", "input_mean", "input_std", "guard_window", "guard_min_entropy", "data", "split", "corruptions", "severity", "protocol", "delta", "batch_size",
                   "n_images", "seed", "domains")
 
 
@@ -59,6 +59,9 @@ class BenchmarkConfig:
     source_data: str | None = None  # labelled source data for cafa's statistics (default: ``data``)
     source_split: str = "train"
     source_images: int = 2000
+    guard: bool = False  # also run every BatchNorm method wrapped in a CollapseGuard (rows "<method>+guard")
+    guard_window: int = 1000
+    guard_min_entropy: float = 0.3
     baseline: str | None = None  # a results.jsonl whose 'source' rows are the mCE baseline
     progress: bool = True
 
@@ -176,6 +179,12 @@ def run_benchmark(config: BenchmarkConfig, model: nn.Module | None = None) -> di
             options["source_stats"] = cafa_source_stats(config, make_model, out)
         runs.append(MethodRun(label=method, options=resolved[method],
                               make_adapter=lambda m=method, o=options: tta.adapt(make_model(), m, **o)))
+        if config.guard and method != "source":
+            guard = {"window": config.guard_window, "min_entropy": config.guard_min_entropy}
+            runs.append(MethodRun(
+                label=f"{method}+guard", options={**resolved[method], "guard": guard},
+                make_adapter=lambda m=method, o=options, g=guard: tta.CollapseGuard(tta.adapt(make_model(), m, **o),
+                                                                                    **g)))
     run_methods(runs, stream, log, context=context, checkpoint_dir=out / "checkpoints", device=config.device,
                 progress=config.progress)
     records = log.read()

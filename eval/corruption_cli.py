@@ -41,6 +41,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source-images", type=int, default=2000,
                         help="labelled source images (from --source-split) for cafa's class statistics")
     parser.add_argument("--source-split", default="train", help="split holding cafa's labelled source images")
+    parser.add_argument("--collapse-guard", action="store_true",
+                        help="also run each BatchNorm method inside a collapse guard (rows '<method>+guard') that "
+                             "resets it when its predictions collapse onto one class")
+    parser.add_argument("--guard-window", type=int, default=1000, help="samples the guard looks back over")
+    parser.add_argument("--guard-min-entropy", type=float, default=0.3,
+                        help="reset when the predicted-class histogram's normalised entropy falls below this")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
@@ -70,7 +76,8 @@ def config_from_args(args: argparse.Namespace, **overrides) -> BenchmarkConfig:
         corruptions=getattr(args, "corruptions", "all"), severity=getattr(args, "severity", 5),
         protocol=args.protocol, delta=args.delta, batch_size=args.batch_size, n_images=args.n_images, seed=args.seed,
         device=args.device, source_split=args.source_split, source_images=args.source_images,
-        baseline=getattr(args, "baseline", None), progress=not args.no_progress, **overrides)
+        baseline=getattr(args, "baseline", None), progress=not args.no_progress, guard=args.collapse_guard,
+        guard_window=args.guard_window, guard_min_entropy=args.guard_min_entropy, **overrides)
 
 
 def print_tables(tables, out: str) -> None:

@@ -136,6 +136,8 @@ def run_methods(runs: list[MethodRun], stream, log: ResultsLog, *, context: dict
             if s + 1 < len(segments) and not segments[s + 1].reset_before:
                 _save_checkpoint(_checkpoint_path(checkpoint_dir, label), s, active[label])
             record = _record(by_label[label], stream, s, result, seconds, context)
+            if hasattr(active[label], "resets"):
+                record["guard_resets"] = active[label].resets
             log.append(record)
             written.append(record)
     for label in adapters:

@@ -159,3 +159,13 @@ def test_gradual_protocol_columns_are_numbered_by_position(tmp_path):
                              "gaussian_noise-5", "gaussian_noise-4#2", "gaussian_noise-3#2", "gaussian_noise-2#2",
                              "gaussian_noise-1#2"]
     json.dumps(table.errors)
+
+
+def test_guarded_rows_record_their_resets(tmp_path):
+    stream = _stream("reset")
+    runs = [MethodRun("tent+guard", lambda: tta.CollapseGuard(tta.adapt(conv_net(), "tent", lr=0.05), window=8,
+                                                              min_entropy=0.99))]
+    run_methods(runs, stream, ResultsLog(tmp_path / "r.jsonl"), context={"protocol": "reset"},
+                checkpoint_dir=tmp_path / "ck", progress=False)
+    records = ResultsLog(tmp_path / "r.jsonl").read()
+    assert len(records) == 3 and all(r["guard_resets"] >= 1 for r in records)  # threshold 0.99: always resets

@@ -1,0 +1,72 @@
+"""``tta bench``: images/s, ms per batch, peak memory, passes per image and reset cost of each method, as ratios
+to plain inference (``model.eval()`` under ``torch.inference_mode()``) of the same model and batch, one run.
+
+    tta bench --model cifar10_resnet20 --weights resnet20-12fca82f.th --methods all --batch-size 200 \\
+        --device cpu --threads 1 --repeats 20 --out runs/bench
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import tta
+from eval.bench import BenchConfig, format_table, run_bench, write_json
+from eval.method_cli import add_method_options, method_options_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="cifar10_resnet20",
+                        help="registered model (cifar10_resnet20/32/44/56) or torchvision:<arch> (224 px)")
+    parser.add_argument("--weights", default=None,
+                        help="checkpoint file; without it the model is randomly initialised (fine for timing)")
+    parser.add_argument("--methods", default="all",
+                        help=f"'all' ({','.join(tta.methods())},norm_ref,tent_ref) or a comma-separated list; "
+                             "tent_ref_frozen = reference tent with the other parameters frozen. Plain inference "
+                             "is always measured")
+    parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast for every row (plain included)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last model and inputs, every row")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each row's model forward (compile time shows as first_batch_ms; a row "
+                             "that fails to compile is reported and skipped)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed batches per row (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=3, help="un-timed batches per row before timing")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random images (and of a random init)")
+    parser.add_argument("--no-check-inputs", action="store_true",
+                        help="check_inputs=False for every method (measures the validation's cost)")
+    parser.add_argument("--memory", default="subprocess", choices=["subprocess", "inprocess", "off"],
+                        help="CPU peak memory: a fresh process per row (default, exact), in this process (faster, "
+                             "can under-report), or not at all. CUDA always measures in process")
+    parser.add_argument("--out", default=None, help="folder for bench.json")
+    add_method_options(parser)
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(
+        model=args.model, weights=args.weights, methods=[args.methods], batch_size=args.batch_size,
+        device=args.device, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+        repeats=args.repeats, warmup=args.warmup, threads=args.threads, seed=args.seed,
+        check_inputs=not args.no_check_inputs, memory=args.memory,
+        method_options={m: method_options_from_args(args, m) for m in tta.methods()})
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    try:
+        config.validate()
+    except ValueError as error:
+        print(f"tta bench: error: {error}", file=sys.stderr)
+        return 2
+    result = run_bench(config, log=lambda line: print(line, file=sys.stderr, flush=True))
+    settings = (f"{config.model}, batch {config.batch_size}, {config.device}, threads "
+                f"{result['versions']['torch_threads']}, amp {config.amp}, channels_last {config.channels_last}, "
+                f"compile {config.compile}, repeats {config.repeats}, warm-up {config.warmup}, "
+                f"load average {result['machine']['start']['load_average']}")
+    print(f"{settings}\n{result['weights']}\n")
+    print(format_table(result))
+    if args.out:
+        print(f"\nwritten: {write_json(result, args.out)}")
+    return 1 if any(r["error"] for r in result["records"]) else 0
