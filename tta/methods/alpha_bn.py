@@ -28,13 +28,20 @@ ALPHA_SELECTION = (
 
 
 @dataclass
-class AlphaBNOptions(MethodOptions):
+class SourceWeightOption:
+    """The ``alpha`` option shared by the methods that mix statistics (alpha_bn, core)."""
+
     alpha: float = option(DEFAULT_ALPHA, "weight of the SOURCE statistics in [0, 1]: 1 = source model, 0 = norm. "
                                          "Default chosen on the validation corruptions (docs/defaults.md)")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha (weight of the source statistics) must be in [0, 1], got {self.alpha}")
+
+
+@dataclass
+class AlphaBNOptions(MethodOptions, SourceWeightOption):
+    """alpha_bn's options: the common ones and ``alpha``."""
 
 
 @register("alpha_bn")

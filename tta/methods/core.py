@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from tta.base import GradientAdapter
-from tta.methods.alpha_bn import DEFAULT_ALPHA
-from tta.options import GradientOptions, option
+from tta.methods.alpha_bn import SourceWeightOption
+from tta.options import GradientOptions
 from tta.registry import register
 
 
@@ -31,12 +31,8 @@ def class_correlation_loss(probs: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class CoreOptions(GradientOptions):
-    alpha: float = option(DEFAULT_ALPHA, "weight of the SOURCE statistics in [0, 1] (as alpha_bn)")
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha (weight of the source statistics) must be in [0, 1], got {self.alpha}")
+class CoreOptions(GradientOptions, SourceWeightOption):
+    """core's options: the gradient options (tent's defaults) and alpha_bn's ``alpha``."""
 
 
 @register("core")
