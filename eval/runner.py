@@ -106,6 +106,7 @@ def run_methods(runs: list[MethodRun], stream, log: ResultsLog, *, context: dict
     does when it ran that segment in this process; otherwise its checkpoint is loaded, or the chain is replayed.
     """
     device = torch.device(device)
+    timings = ResultsLog(log.path.with_name("timings.jsonl"))
     done = {(r["method"], r["segment"]) for r in log.read() if r.get("protocol") == context.get("protocol")}
     segments = stream.segments
     pending = [run for run in runs if any((run.label, s) not in done for s in range(len(segments)))]
@@ -135,10 +136,13 @@ def run_methods(runs: list[MethodRun], stream, log: ResultsLog, *, context: dict
             position[label] = s
             if s + 1 < len(segments) and not segments[s + 1].reset_before:
                 _save_checkpoint(_checkpoint_path(checkpoint_dir, label), s, active[label])
-            record = _record(by_label[label], stream, s, result, seconds, context)
+            record = _record(by_label[label], stream, s, result, context)
             if hasattr(active[label], "resets"):
                 record["guard_resets"] = active[label].resets
             log.append(record)
+            n = sum(result.sizes)
+            timings.append({"method": label, "protocol": context.get("protocol"), "segment": s,
+                            "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 1) if seconds else None})
             written.append(record)
     for label in adapters:
         _checkpoint_path(checkpoint_dir, label).unlink(missing_ok=True)
@@ -150,8 +154,9 @@ def run_method(run: MethodRun, stream, log: ResultsLog, **kwargs: Any) -> list[d
     return run_methods([run], stream, log, **kwargs)
 
 
-def _record(run: MethodRun, stream, s: int, result: _SegmentResult, seconds: float,
-            context: dict[str, Any]) -> dict[str, Any]:
+def _record(run: MethodRun, stream, s: int, result: _SegmentResult, context: dict[str, Any]) -> dict[str, Any]:
+    """The deterministic record of one finished segment (timings go to timings.jsonl, so that the same command
+    with the same seed gives an identical results.jsonl on CPU)."""
     segment = stream.segments[s]
     n = sum(result.sizes)
     record: dict[str, Any] = {
@@ -164,8 +169,6 @@ def _record(run: MethodRun, stream, s: int, result: _SegmentResult, seconds: flo
         "ece": result.calibration.ece(),
         "online_error": online_error_curve(result.wrong, result.sizes),
         "reset_before": segment.reset_before,
-        "seconds": round(seconds, 3),
-        "images_per_s": round(n / seconds, 1) if seconds > 0 else None,
         "options": run.options,
     }
     if len(segment.domains) == 1:
