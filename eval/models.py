@@ -162,10 +162,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError... depending on the damage
-        raise ValueError(
-            f"could not load checkpoint {path} with weights_only=True ({type(error).__name__}: {error}). "
-            "It is truncated, corrupted, or contains pickled code, which is never executed."
-        ) from error
+        raise ValueError(f"could not load checkpoint {path} with weights_only=True ({_reason(error)}): it is "
+                         "truncated, corrupted, or contains pickled code, which is never executed; a checkpoint "
+                         "should hold a state dict of tensors") from error
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model"):
             if key in obj and isinstance(obj[key], dict):
@@ -174,6 +173,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _reason(error: Exception) -> str:
+    """The one informative line of a torch.load error (its text also suggests weights_only=False: we never do)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    blocked = [line for line in lines if "unsupported GLOBAL" in line]
+    return f"{type(error).__name__}: {(blocked or lines or [''])[0]}"
 
 
 def download_weights(entry: ModelEntry, cache_dir: str | os.PathLike | None = None) -> Path:
