@@ -1,0 +1,315 @@
+"""Runs a continual configuration seed by seed, experience by experience, resumably.
+
+After every experience: evaluate on every test experience (one row of the accuracy matrix), save a checkpoint
+(model, optimizer, strategy and plugin state, RNG states) atomically, then append the record to
+``results.jsonl`` with fsync. A rerun with the same output folder skips finished seeds and resumes an
+unfinished one after its last checkpointed experience; because the RNG states are restored, the resumed run
+continues exactly as the uninterrupted one would have. A finished seed's checkpoint is deleted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from avalanche.core import SupervisedPlugin
+from avalanche.training.plugins import EvaluationPlugin
+
+from continual import adab2n, nap
+from continual.benchmarks import BENCHMARKS, TaskStream, build_benchmark, shared_data_dir
+from continual.config import ContinualConfig, library_versions
+from continual.models import build_model
+from continual.nmc import ForwardFeatures, NMCClassifier, NMCStrategy, feature_dim
+from continual.records import append_record, load_checkpoint, read_records, save_checkpoint, write_json
+from continual.replay import JointReplay
+from continual.schedules import LRSchedulePlugin, make_schedule
+
+
+class ConfigMismatch(ValueError):
+    """An output folder (or checkpoint) belongs to a run with a different configuration."""
+
+
+class AccuracyPlugin(SupervisedPlugin):
+    """Counts correct top-1 predictions per evaluated experience (one row of the accuracy matrix per eval)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.correct: dict[int, int] = {}
+        self.total: dict[int, int] = {}
+
+    def before_eval(self, strategy, **kwargs) -> None:
+        self.correct, self.total = {}, {}
+
+    def after_eval_iteration(self, strategy, **kwargs) -> None:
+        exp = int(strategy.experience.current_experience)
+        pred = strategy.mb_output.argmax(1)
+        self.correct[exp] = self.correct.get(exp, 0) + int((pred == strategy.mb_y).sum())
+        self.total[exp] = self.total.get(exp, 0) + int(strategy.mb_y.numel())
+
+    def row(self, num_tasks: int) -> list[float]:
+        return [self.correct[j] / self.total[j] if self.total.get(j) else float("nan") for j in range(num_tasks)]
+
+
+class ProgressPlugin(SupervisedPlugin):
+    """A tqdm bar over the training iterations of each experience."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        super().__init__()
+        self.enabled, self.bar = enabled, None
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        if self.enabled:
+            steps = math.ceil(len(strategy.adapted_dataset) / strategy.train_mb_size) * strategy.train_epochs
+            self.bar = tqdm(total=steps, desc=f"  experience {strategy.experience.current_experience}",
+                            leave=False, unit="step")
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def quiet_evaluator() -> EvaluationPlugin:
+    """Avalanche's evaluator with no metrics and no loggers (accuracy is counted by AccuracyPlugin)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No loggers specified")
+        return EvaluationPlugin(loggers=[])
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+            "numpy_pos": int(pos), "numpy_gauss": [int(has_gauss), float(cached)],
+            "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2]}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_gauss"][0], state["numpy_gauss"][1]))
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+
+
+def _nmc_weights(config: ContinualConfig) -> str | None:
+    if config.weights is not None:
+        return config.weights
+    from eval.models import model_entry
+
+    entry = model_entry(config.backbone)
+    if entry.weights_file:
+        candidate = shared_data_dir() / "models" / "akamaster-resnet-cifar10" / entry.weights_file
+        if candidate.exists():
+            return str(candidate)
+    return None
+
+
+def build_network(config: ContinualConfig, stream: TaskStream) -> tuple[nn.Module, nap.NaP | None]:
+    """The trained network with its normalisation variant applied (before the optimizer is built)."""
+    channels, size, _ = stream.image_shape
+    batch_norm = config.norm in ("bn", "adab2n")
+    model = build_model(config.model, stream.num_classes, channels, size, config.width, config.hidden, batch_norm)
+    projector = None
+    if config.norm == "adab2n":
+        adab2n.convert_model(model, stream.num_tasks, config.kappa, prior=config.adab2n_prior)
+    elif config.norm in ("layer", "rms"):
+        nap.insert_norms(model, kind=config.norm)
+    elif config.norm == "nap":
+        nap.insert_norms(model, kind=config.nap_kind)
+        projector = nap.NaP(model, project_affine=config.nap_project_affine,
+                            project_output=config.nap_project_output)
+    return model.to(config.device), projector
+
+
+def build_strategy(config: ContinualConfig, stream: TaskStream, seed: int, progress: bool):
+    """(strategy, {name: stateful plugin}, AccuracyPlugin) for one seed."""
+    accuracy = AccuracyPlugin()
+    plugins: list[SupervisedPlugin] = [accuracy, ProgressPlugin(progress)]
+    evaluator = quiet_evaluator()
+    if config.method == "nmc":
+        from eval.models import load_model
+
+        backbone = load_model(config.backbone, weights=_nmc_weights(config), device=config.device)
+        extractor = ForwardFeatures(backbone)
+        model = NMCClassifier(extractor, stream.num_classes, feature_dim(extractor, stream.image_shape),
+                              metric=config.nmc_metric, renormalize=config.nmc_renormalize)
+        batch = max(config.batch_size, config.eval_batch_size)  # the means do not depend on batching
+        strategy = NMCStrategy(model=model, train_mb_size=batch, eval_mb_size=config.eval_batch_size,
+                               device=config.device, plugins=plugins, evaluator=evaluator)
+        return strategy, {}, accuracy
+    model, projector = build_network(config, stream)
+    stateful: dict[str, Any] = {}
+    steps_per_task = math.ceil(stream.n_train / stream.num_tasks / config.batch_size) * config.epochs
+    if stream.kind == "random-labels":
+        steps_per_task = math.ceil(stream.n_train / config.batch_size) * config.epochs
+    schedule = None
+    if config.lr_schedule != "constant":
+        schedule = make_schedule(config.lr_schedule, steps_per_task * stream.num_tasks, steps_per_task)
+    if config.norm == "adab2n":
+        task_of = adab2n.experience_tasks if config.adab2n_task_source == "experience" else None
+        stateful["adab2n"] = adab2n.AdaB2NPlugin(config.lambda_reg, stream.classes_per_task, task_of,
+                                                 config.reg_start_task)
+    if projector is not None:
+        stateful["nap"] = nap.NaPPlugin(projector, config.nap_every, schedule)
+    elif schedule is not None:
+        stateful["lr_schedule"] = LRSchedulePlugin(schedule)
+    if config.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+    loss = "er_ace" if config.method == "er_ace" else "er"
+    strategy = JointReplay(model=model, optimizer=optimizer, mem_size=config.buffer,
+                           batch_size_mem=config.replay_batch_size, loss=loss, buffer_seed=seed,
+                           train_mb_size=config.batch_size, train_epochs=config.epochs,
+                           eval_mb_size=config.eval_batch_size, device=config.device,
+                           plugins=list(stateful.values()) + plugins, evaluator=evaluator)
+    return strategy, stateful, accuracy
+
+
+def _state_of(strategy, stateful: dict[str, Any]) -> dict[str, Any]:
+    optimizer = getattr(strategy, "optimizer", None)
+    return {"model": strategy.model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "strategy": strategy.state_dict() if hasattr(strategy, "state_dict") else None,
+            "plugins": {name: plugin.state_dict() for name, plugin in stateful.items()
+                        if hasattr(plugin, "state_dict")},
+            "rng": _rng_state()}
+
+
+def _restore(strategy, stateful: dict[str, Any], state: dict[str, Any]) -> None:
+    strategy.model.load_state_dict(state["model"])
+    if state["optimizer"] is not None:
+        strategy.pending_optimizer_state = state["optimizer"]
+    if state["strategy"] is not None:
+        strategy.load_state_dict(state["strategy"])
+    for name, plugin_state in state["plugins"].items():
+        stateful[name].load_state_dict(plugin_state)
+    _set_rng_state(state["rng"])
+
+
+def _diagnostics(model: nn.Module) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    norms = nap.weight_norms(model)
+    if norms:
+        out["weight_norms"] = norms
+        out["weight_norm_total"] = float(math.sqrt(sum(v * v for v in norms.values())))
+    layers = list(adab2n.adab2n_layers(model))
+    if layers:
+        first = layers[0]
+        out["adab2n"] = {"t": int(first.num_batches_tracked), "eta": float(first.eta), "task": int(first.task),
+                         "mean_task_log_weights": torch.stack([layer.task_log_weights.detach() for layer in layers])
+                         .mean(0).tolist()}
+    return out
+
+
+def run_seed(config: ContinualConfig, seed: int, out_dir: str | Path, progress: bool = True,
+             stop_after: int | None = None) -> list[dict[str, Any]]:
+    """Train and evaluate one seed; returns the records written by this call (empty when already finished)."""
+    out_dir = Path(out_dir)
+    results = out_dir / "results.jsonl"
+    checkpoint = out_dir / "checkpoints" / f"seed{seed}.pt"
+    T = config.tasks or BENCHMARKS[config.benchmark]["tasks"]
+    done = {r["experience"] for r in read_records(results) if r.get("seed") == seed}
+    if all(i in done for i in range(T)):
+        return []  # finished: nothing is loaded or built
+    seed_everything(seed)
+    stream = build_benchmark(config.benchmark, config.data, seed, config.tasks, config.n_train, config.n_test,
+                             config.image_size, config.shuffle_classes)
+    strategy, stateful, accuracy = build_strategy(config, stream, seed, progress)
+    start, history = 0, []
+    if checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        if state["identity"] != _jsonable(config.identity()):
+            raise ConfigMismatch(f"{checkpoint} was written by a different configuration; use another --out")
+        _restore(strategy, stateful, state["state"])
+        start, history = state["experience"] + 1, list(state["records"])
+        for record in history:  # a crash between checkpoint and append leaves a record only in the checkpoint
+            if record["experience"] not in done:
+                append_record(results, record)
+    written: list[dict[str, Any]] = []
+    end = T if stop_after is None else min(T, stop_after)
+    bar = tqdm(total=T, initial=start, desc=f"seed {seed}", unit="task", disable=not progress)
+    for i in range(start, end):
+        t0 = time.perf_counter()
+        strategy.train(stream.train_stream[i])
+        t1 = time.perf_counter()
+        strategy.eval(stream.test_stream)
+        row = accuracy.row(T)
+        record = {"seed": seed, "experience": i, "accuracies": row,
+                  "seen_average": float(np.mean(row[: i + 1])),
+                  "n_train": len(stream.train_stream[i].dataset), "train_seconds": round(t1 - t0, 3),
+                  "eval_seconds": round(time.perf_counter() - t1, 3), "benchmark": config.benchmark,
+                  "method": config.method, "norm": config.norm}
+        if config.method != "nmc":  # the frozen backbone of NMC never changes
+            record.update(_diagnostics(strategy.model))
+        history.append(record)
+        save_checkpoint(checkpoint, {"experience": i, "records": history, "state": _state_of(strategy, stateful),
+                                     "identity": _jsonable(config.identity())})
+        append_record(results, record)
+        written.append(record)
+        bar.update(1)
+        bar.set_postfix(acc=f"{np.nanmean(row[: i + 1]):.3f}")
+    bar.close()
+    if end == T and checkpoint.exists():
+        checkpoint.unlink()
+        if not any(checkpoint.parent.iterdir()):
+            checkpoint.parent.rmdir()
+    return written
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def prepare_output(config: ContinualConfig, out_dir: str | Path) -> None:
+    """Write config.json, or check that an existing one describes the same run (only seeds/device may differ)."""
+    path = Path(out_dir) / "config.json"
+    if path.exists():
+        previous = ContinualConfig.from_dict(json.loads(path.read_text())["config"])
+        before, now = _jsonable(previous.identity()), _jsonable(config.identity())
+        if before != now:
+            changed = sorted(k for k in now if before.get(k) != now[k])
+            raise ConfigMismatch(f"{out_dir} holds a run with a different configuration ({', '.join(changed)} "
+                                 "differ); use another --out or the same options")
+        seeds = sorted(set(previous.seeds) | set(config.seeds))
+        config = ContinualConfig.from_dict({**config.to_dict(), "seeds": seeds})
+    write_json(path, {"config": config.to_dict(), "versions": library_versions()})
+
+
+def run_experiment(config: ContinualConfig, out_dir: str | Path, progress: bool = True,
+                   stop_after: int | None = None) -> dict[str, Any]:
+    """Resolve, record config.json, run every seed (skipping finished ones), write the report; returns it."""
+    from continual.report import write_report
+
+    config = config.resolved()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output(config, out_dir)
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        for seed in config.seeds:
+            run_seed(config, seed, out_dir, progress, stop_after)
+    finally:
+        torch.set_num_threads(threads)
+    return write_report(out_dir)

@@ -1,0 +1,84 @@
+"""``tta continual`` end to end on tiny embedded streams: files, skip on rerun, exact resume, NaP norms, NMC."""
+from __future__ import annotations
+
+import json
+
+from continual.records import read_records
+from eval.cli import main
+
+TINY = ["--n-train", "100", "--n-test", "50", "--image-size", "8", "--width", "4", "--buffer", "20",
+        "--no-progress", "--eval-batch-size", "64", "--threads", "1"]
+
+
+def _run(out, *extra):
+    return main(["continual", "--out", str(out), *TINY, *extra])
+
+
+def _lines(path):
+    return path.read_text().splitlines()
+
+
+def test_split_digits_end_to_end_and_rerun_skips(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(out, "--method", "er", "--norm", "adab2n", "--seeds", "0,1") == 0
+    for name in ("results.jsonl", "config.json", "heatmap.png", "accuracy_matrix.csv", "accuracy_matrix.md",
+                 "summary.json", "summary.md"):
+        assert (out / name).exists(), name
+    records = read_records(out / "results.jsonl")
+    assert sorted((r["seed"], r["experience"]) for r in records) == [(s, e) for s in (0, 1) for e in range(5)]
+    assert all(len(r["accuracies"]) == 5 and "adab2n" in r for r in records)
+    assert records[-1]["adab2n"]["task"] == 5 and records[-1]["adab2n"]["t"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["norm"] == "adab2n" and config["config"]["model"] == "cnn"
+    assert {"torch", "avalanche", "numpy", "python"} <= set(config["versions"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and set(summary["metrics"]) >= {"final_average_accuracy", "bwt"}
+    printed = capsys.readouterr().out
+    assert "final average accuracy" in printed and "average incremental accuracy" in printed
+    assert not (out / "checkpoints").exists()  # finished seeds leave no checkpoint
+
+    before = _lines(out / "results.jsonl")
+    assert _run(out, "--method", "er", "--norm", "adab2n", "--seeds", "0,1") == 0
+    assert _lines(out / "results.jsonl") == before  # finished seeds are skipped
+
+    assert _run(out, "--method", "er_ace", "--norm", "adab2n", "--seeds", "0") == 2  # another run's folder
+    assert "different configuration" in capsys.readouterr().out
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    options = ["--method", "er", "--norm", "adab2n", "--momentum", "0.9", "--lr-schedule", "linear"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert _run(full, *options) == 0
+    assert _run(split, *options, "--stop-after", "2") == 0
+    partial = read_records(split / "results.jsonl")
+    assert [r["experience"] for r in partial] == [0, 1]
+    assert (split / "checkpoints" / "seed0.pt").exists()
+    assert _run(split, *options) == 0
+    resumed = read_records(split / "results.jsonl")
+    uninterrupted = read_records(full / "results.jsonl")
+    assert [r["experience"] for r in resumed] == list(range(5))
+    for a, b in zip(resumed, uninterrupted):
+        assert a["accuracies"] == b["accuracies"]
+        assert a["adab2n"] == b["adab2n"]
+        assert a["weight_norms"] == b["weight_norms"]
+
+
+def test_random_labels_with_nap_keeps_weight_norms(tmp_path):
+    out = tmp_path / "nap"
+    assert main(["continual", "--out", str(out), "--benchmark", "random-labels", "--method", "sgd", "--norm", "nap",
+                 "--tasks", "3", "--n-train", "64", "--image-size", "8", "--epochs", "2", "--hidden", "16,16",
+                 "--no-progress", "--threads", "1"]) == 0
+    records = read_records(out / "results.jsonl")
+    assert len(records) == 3
+    hidden = [name for name in records[0]["weight_norms"] if name != "head"]
+    for name in hidden:  # the projected layers keep their norm; the head is free
+        assert len({round(r["weight_norms"][name], 4) for r in records}) == 1, name
+
+
+def test_nmc_on_a_pretrained_backbone(tmp_path, resnet20_weights):
+    out = tmp_path / "nmc"
+    assert main(["continual", "--out", str(out), "--method", "nmc", "--backbone", "cifar10_resnet20", "--weights",
+                 str(resnet20_weights), "--n-train", "100", "--n-test", "50", "--no-progress", "--threads", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.0 < summary["metrics"]["final_average_accuracy"]["mean"] <= 1.0
+    assert all("weight_norms" not in r for r in read_records(out / "results.jsonl"))
