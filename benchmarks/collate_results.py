@@ -1,0 +1,44 @@
+"""Collate runs/results/<model>-n<N>-<protocol>/results.jsonl (written by benchmarks/results_cifar10.sh) into the
+Markdown tables of docs/results.md: a summary of mean errors per protocol, then one full table per run.
+
+    .venv/bin/python benchmarks/collate_results.py runs/results > /tmp/tables.md
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from eval.records import ResultsLog
+from eval.report import error_table
+
+ORDER = ["reset", "continual", "gradual", "mixed", "correlated"]
+
+
+def main(root: str = "runs/results") -> None:
+    runs = sorted(p for p in Path(root).iterdir() if (p / "results.jsonl").exists())
+    tables = {run.name: error_table(ResultsLog(run / "results.jsonl").read()) for run in runs}
+    models = sorted({name.rsplit("-", 1)[0] for name in tables})
+    for model in models:
+        found = [name.rsplit("-", 1)[1] for name in tables if name.rsplit("-", 1)[0] == model]
+        protocols = sorted(found, key=lambda p: (ORDER.index(p) if p in ORDER else len(ORDER), p))
+        methods = list(dict.fromkeys(m for p in protocols for m in tables[f"{model}-{p}"].methods))
+        print(f"### {model}: mean error over the 15 corruptions (%)\n")
+        print("| method | " + " | ".join(protocols) + " |")
+        print("|---|" + "---:|" * len(protocols))
+        for method in methods:
+            cells = []
+            for p in protocols:
+                table = tables[f"{model}-{p}"]
+                if method not in table.methods:
+                    cells.append("–")
+                else:
+                    cells.append(f"{100 * table.mean(method):.1f}" + ("" if table.complete(method) else "*"))
+            print(f"| {method} | " + " | ".join(cells) + " |")
+        print()
+        for p in protocols:
+            print(tables[f"{model}-{p}"].to_markdown(title=f"{model}, protocol {p}"))
+            print()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
