@@ -8,11 +8,12 @@ Everything is measured in one process and one run, so ratios compare like with l
 - Passes: a forward hook on the model counts forward samples; gradient hooks on its trainable parameters count
   a backward pass when gradients reach the model after a forward (one un-timed counting batch, hooks removed
   before timing).
-- Memory (CPU): peak RSS minus the RSS before the adapter is built (model loaded, inputs made, cafa's source
-  statistics computed), in a fresh subprocess per row (``memory="subprocess"``), with the kernel's peak-RSS
-  counter reset first (``/proc/self/clear_refs``). In-process RSS would be distorted by the rows measured before
-  (the process-wide high-water mark, memory freed to malloc but not to the system). CUDA: in process,
-  ``max_memory_allocated`` after ``reset_peak_memory_stats``, minus the allocation before the adapter is built.
+- Memory (CPU): in a fresh subprocess per row (``memory="subprocess"``): per batch, the peak RSS (the kernel's
+  counter reset before each batch through ``/proc/self/clear_refs``) minus the RSS before the row was built
+  (model loaded, inputs made, cafa's statistics computed, code paged in by a throwaway 2-image run); the median
+  over batches is reported. In-process RSS would be distorted by the rows measured before (a process-wide
+  high-water mark, memory freed to malloc but not to the system). CUDA: in process, ``max_memory_allocated``
+  after ``reset_peak_memory_stats``, minus the allocation before the row was built.
 - Reset: median ms of ``reset()``, after the timed batches; its cost does not depend on the data.
 """
 from __future__ import annotations
@@ -261,15 +262,32 @@ def compile_row(row: Row) -> None:
     row.module.compile()
 
 
-def time_rows(rows: list[Row], inputs: list[torch.Tensor], config: BenchConfig) -> dict[str, list[float]]:
-    """Per-row batch times (ms), interleaved: each repeat times one batch of every row, order rotated."""
+def time_rows(rows: list[Row], inputs: list[torch.Tensor], config: BenchConfig,
+              errors: dict[str, str] | None = None) -> dict[str, list[float]]:
+    """Per-row batch times (ms), interleaved: each repeat times one batch of every row, order rotated.
+
+    A row that raises is dropped from the remaining rounds and its error stored in ``errors`` (plain re-raises).
+    """
     times: dict[str, list[float]] = {row.name: [] for row in rows}
+    live = list(rows)
     for r in range(config.repeats):
         x = inputs[r % len(inputs)]
-        shift = r % len(rows)
-        for row in rows[shift:] + rows[:shift]:
-            times[row.name].append(timed(lambda: row.call(x), config))
+        shift = r % len(live)
+        for row in live[shift:] + live[:shift]:
+            try:
+                times[row.name].append(timed(lambda: row.call(x), config))
+            except Exception as error:
+                if row.name == PLAIN or errors is None:
+                    raise
+                errors[row.name] = _describe(error, f"round {r + 1}")
+                live.remove(row)
+                del times[row.name]
     return times
+
+
+def _describe(error: Exception, where: str = "") -> str:
+    text = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    return f"{text} ({where})" if where else text
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -312,33 +330,47 @@ def _release_free_memory() -> None:
 
 
 def measure_row_memory(config: BenchConfig, name: str) -> dict[str, Any]:
-    """Peak memory increase (MB) of running one row: warm-up plus two batches, from before the adapter is built."""
+    """Peak memory increase (MB) of running one row: warm-up plus two batches, from before the adapter is built.
+
+    Before the baseline, a throwaway copy of the row runs a 2-image batch, so that code pages and one-time
+    runtime allocations (kernels, autograd, optimizer code: tens of MB of RSS) are not counted as the row's memory.
+    """
     model, _ = build_model(config)
     inputs = make_inputs(config)
     stats = random_source_stats(model, config) if name == "cafa" else None
+    build_row(name, copy.deepcopy(model), config, stats).call(inputs[0][:2])
     batches = max(config.warmup, 1) + 2
     _release_free_memory()
-    if config.device.startswith("cuda"):
+    cuda = config.device.startswith("cuda")
+    if cuda:
         torch.cuda.synchronize(config.device)
-        torch.cuda.reset_peak_memory_stats(config.device)
         baseline = torch.cuda.memory_allocated(config.device)
-        row = build_row(name, model, config, stats)
-        for i in range(batches):
-            row.call(inputs[i % len(inputs)])
-        torch.cuda.synchronize(config.device)
-        peak = torch.cuda.max_memory_allocated(config.device) - baseline
-        return {"peak_memory_mb": peak / 2**20, "memory_method": "cuda max_memory_allocated - allocated before"}
-    exact = _reset_peak_rss()
-    baseline_kb = _status_kb("VmRSS")
+    else:
+        baseline = _status_kb("VmRSS")
+        if baseline is None:
+            return {"peak_memory_mb": None, "memory_method": "unavailable (no /proc/self/status)"}
+        baseline *= 1024
     row = build_row(name, model, config, stats)
-    for i in range(batches):
+    peaks, exact = [], True
+    for i in range(batches):  # the peak of each batch, from the same baseline; the median is reported
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(config.device)
+        else:
+            _release_free_memory()
+            exact = _reset_peak_rss() and exact
         row.call(inputs[i % len(inputs)])
-    peak_kb = _status_kb("VmHWM")
-    if baseline_kb is None or peak_kb is None:
-        return {"peak_memory_mb": None, "memory_method": "unavailable (no /proc/self/status)"}
-    method = "peak RSS (VmHWM, reset) - RSS before" if exact else "peak RSS (VmHWM, not resettable) - RSS before"
-    return {"peak_memory_mb": max(peak_kb - baseline_kb, 0) / 1024, "memory_method": method,
-            "rss_before_mb": baseline_kb / 1024}
+        if cuda:
+            torch.cuda.synchronize(config.device)
+            peaks.append(torch.cuda.max_memory_allocated(config.device) - baseline)
+        else:
+            peaks.append(_status_kb("VmHWM") * 1024 - baseline)
+    if cuda:
+        method = "cuda max_memory_allocated - allocated before the adapter was built"
+    else:
+        method = ("peak RSS (VmHWM reset before each batch) - RSS before the adapter was built" if exact else
+                  "peak RSS (VmHWM, not resettable: process-wide high-water mark) - RSS before the adapter was built")
+    return {"peak_memory_mb": max(statistics.median(peaks), 0) / 2**20, "peak_memory_max_mb": max(peaks) / 2**20,
+            "memory_batches": batches, "memory_method": method, "baseline_mb": baseline / 2**20}
 
 
 def probe_memory(config: BenchConfig, name: str, timeout: float = 900.0) -> dict[str, Any]:
@@ -407,14 +439,20 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None) 
                       for i in range(1, config.warmup)]
             record["first_batch_ms"] = first[0]
             rows.append(row)
+            log(f"{name}: ready (first batch {first[0]:.0f} ms{', compiled' if config.compile else ''})")
         except Exception as error:  # a row that cannot run (e.g. compile failure) is reported, not fatal
             if name == PLAIN:
                 raise
-            record["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            record["error"] = _describe(error, "set-up, pass counting or warm-up")
             log(f"{name}: failed: {record['error']}")
 
     log(f"timing {len(rows)} rows x {config.repeats} repeats, interleaved")
-    times = time_rows(rows, inputs, config)
+    errors: dict[str, str] = {}
+    times = time_rows(rows, inputs, config, errors)
+    for name, error in errors.items():
+        records[name]["error"] = error
+        log(f"{name}: failed while timed: {error}")
+    rows = [row for row in rows if row.name not in errors]
     plain_ms = statistics.median(times[PLAIN])
     for row in rows:
         ms = times[row.name]
@@ -446,6 +484,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None) 
         record.setdefault("peak_memory_mb", None)
         mb = record["peak_memory_mb"]
         record["memory_ratio_to_plain"] = mb / plain_mb if mb is not None and plain_mb else None
+        if mb is not None and record.get("baseline_mb") is not None:
+            record["peak_total_mb"] = record["baseline_mb"] + mb  # the process (CPU) / allocated (CUDA) peak
         if config.compile and mb is not None:
             record["memory_method"] += " (eager: not compiled)"
         for key in ("ms_per_batch", "images_per_s", "ratio_to_plain", "forward_per_sample", "backward_per_sample",
@@ -458,18 +498,21 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None) 
     return result
 
 
-# -- goals, table, output -----------------------------------------------------------------------------------------
+# -- goals ---------------------------------------------------------------------------------------------------------
 GOALS = {"forward_only_ratio": 1.10, "gradient_ratio": 2.5, "reset_fraction": 0.01, "gradient_memory_ratio": 3.0}
 
 
 def check_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's goals, each with the measured value and whether it is met (None where not measured)."""
     by_name = {r["method"]: r for r in result["records"]}
-    reference = by_name.get(REFERENCE_ROWS["tent_ref"], {}).get("ms_per_batch")
+    references = {label: by_name[label]["ms_per_batch"] for label in
+                  (REFERENCE_ROWS["tent_ref"], REFERENCE_ROWS["tent_ref_frozen"])
+                  if by_name.get(label, {}).get("ms_per_batch") is not None}
     goals = []
 
-    def add(goal: str, value: float | None, met: bool | None) -> None:
-        goals.append({"goal": goal, "value": value, "met": met})
+    def add(goal: str, value: float | None, met: bool | None, unit: str = "x") -> None:
+        shown = "-" if value is None else (f"{100 * value:.2f} %" if unit == "%" else f"{value:.2f}x")
+        goals.append({"goal": goal, "value": value, "shown": shown, "met": met})
 
     for name, record in by_name.items():
         if record.get("kind") != "tta" or record.get("ratio_to_plain") is None:
@@ -479,52 +522,13 @@ def check_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
             add(f"{name} <= {GOALS['forward_only_ratio']:.2f}x plain", ratio, ratio <= GOALS["forward_only_ratio"])
         if name in ("tent", "core", "cafa"):
             add(f"{name} <= {GOALS['gradient_ratio']}x plain", ratio, ratio <= GOALS["gradient_ratio"])
-            if reference is not None:
+            for label, reference in references.items():
                 speedup = reference / record["ms_per_batch"]
-                add(f"{name} faster than tent (reference) [speedup]", speedup, speedup > 1.0)
+                add(f"{name} faster than {label}: speedup", speedup, speedup > 1.0)
             mem = record.get("memory_ratio_to_plain")
             add(f"{name} peak memory <= {GOALS['gradient_memory_ratio']:.0f}x plain", mem,
                 None if mem is None else mem <= GOALS["gradient_memory_ratio"])
         if record.get("reset_ratio_to_batch") is not None and name != "source":
             fraction = record["reset_ratio_to_batch"]
-            add(f"{name} reset <= 1 % of a batch", fraction, fraction <= GOALS["reset_fraction"])
+            add(f"{name} reset <= 1 % of a batch", fraction, fraction <= GOALS["reset_fraction"], unit="%")
     return goals
-
-
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
-
-
-def format_table(result: dict[str, Any]) -> str:
-    """The records as a Markdown table, then the goals."""
-    lines = ["| method | images/s | ms/batch (median) | IQR ms | x plain | fwd/bwd per image | peak MB | "
-             "x plain mem | reset ms | reset / batch |", "|---|" + "---:|" * 9]
-    for r in result["records"]:
-        if r["error"]:
-            lines.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 8)
-            continue
-        iqr = "-" if r.get("ms_p25") is None else f"{r['ms_p25']:.1f}-{r['ms_p75']:.1f}"
-        passes = "-" if r["forward_per_sample"] is None else f"{r['forward_per_sample']:g} / {r['backward_per_sample']:g}"
-        lines.append(
-            f"| {r['method']} | {_fmt(r['images_per_s'], '.0f')} | {_fmt(r['ms_per_batch'], '.1f')} | {iqr} | "
-            f"{_fmt(r['ratio_to_plain'], '.2f')} | {passes} | {_fmt(r['peak_memory_mb'], '.1f')} | "
-            f"{_fmt(r['memory_ratio_to_plain'], '.2f')} | {_fmt(r['reset_ms'], '.3f')} | "
-            f"{_fmt(None if r['reset_ratio_to_batch'] is None else 100 * r['reset_ratio_to_batch'], '.2f', ' %')} |")
-    goals = result.get("goals") or check_goals(result)
-    if goals:
-        lines += ["", "| goal | measured | met |", "|---|---:|---|"]
-        for g in goals:
-            met = "not measured" if g["met"] is None else ("yes" if g["met"] else "NO")
-            lines.append(f"| {g['goal']} | {_fmt(g['value'], '.3f')} | {met} |")
-    return "\n".join(lines)
-
-
-def write_json(result: dict[str, Any], out: str | os.PathLike) -> Path:
-    """Write ``bench.json`` (atomically) in ``out`` and return its path."""
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "bench.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp, path)
-    return path

@@ -7,10 +7,14 @@ to plain inference (``model.eval()`` under ``torch.inference_mode()``) of the sa
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
+from typing import Any
 
 import tta
-from eval.bench import BenchConfig, format_table, run_bench, write_json
+from eval.bench import BenchConfig, check_goals, run_bench
 from eval.method_cli import add_method_options, method_options_from_args
 
 
@@ -31,17 +35,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile each row's model forward (compile time shows as first_batch_ms; a row "
                              "that fails to compile is reported and skipped)")
     parser.add_argument("--repeats", type=int, default=20, help="timed batches per row (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=3, help="un-timed batches per row before timing")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="un-timed batches per row before timing (at least 1, after one hook-counting batch)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random images (and of a random init)")
     parser.add_argument("--no-check-inputs", action="store_true",
                         help="check_inputs=False for every method (measures the validation's cost)")
     parser.add_argument("--memory", default="subprocess", choices=["subprocess", "inprocess", "off"],
-                        help="CPU peak memory: a fresh process per row (default, exact), in this process (faster, "
-                             "can under-report), or not at all. CUDA always measures in process")
+                        help="CPU peak memory: in a fresh process per row (default), in this process (faster; earlier "
+                             "rows can hide part of a peak), or not at all. CUDA always measures in process")
     parser.add_argument("--out", default=None, help="folder for bench.json")
     add_method_options(parser)
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The records as a Markdown table, then the goals."""
+    lines = ["| method | images/s | ms/batch (median) | IQR ms | x plain | fwd/bwd per image | peak MB | "
+             "x plain mem | reset ms | reset / batch |", "|---|" + "---:|" * 9]
+    for r in result["records"]:
+        if r["error"]:
+            lines.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 8)
+            continue
+        iqr = "-" if r.get("ms_p25") is None else f"{r['ms_p25']:.1f}-{r['ms_p75']:.1f}"
+        passes = ("-" if r["forward_per_sample"] is None
+                  else f"{r['forward_per_sample']:g} / {r['backward_per_sample']:g}")
+        lines.append(
+            f"| {r['method']} | {_fmt(r['images_per_s'], '.0f')} | {_fmt(r['ms_per_batch'], '.1f')} | {iqr} | "
+            f"{_fmt(r['ratio_to_plain'], '.2f')} | {passes} | {_fmt(r['peak_memory_mb'], '.1f')} | "
+            f"{_fmt(r['memory_ratio_to_plain'], '.2f')} | {_fmt(r['reset_ms'], '.3f')} | "
+            f"{_fmt(None if r['reset_ratio_to_batch'] is None else 100 * r['reset_ratio_to_batch'], '.2f', ' %')} |")
+    goals = result.get("goals") or check_goals(result)
+    if goals:
+        lines += ["", "| goal | measured | met |", "|---|---:|---|"]
+        for g in goals:
+            met = "not measured" if g["met"] is None else ("yes" if g["met"] else "NO")
+            lines.append(f"| {g['goal']} | {g['shown']} | {met} |")
+    return "\n".join(lines)
+
+
+def write_json(result: dict[str, Any], out: str | os.PathLike) -> Path:
+    """Write ``bench.json`` (atomically) in ``out`` and return its path."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "bench.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:

@@ -1,0 +1,215 @@
+"""``tta bench``: pass counts by hooks, the reference-style implementations against ours, bench.json, errors."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import tta
+from eval import bench
+from eval.bench import BenchConfig, PassCounter, build_row, count_passes, quantile, row_names
+from eval.bench_reference import ReferenceNorm, ReferenceTent
+from eval.cli import main as tta_main
+from tests.tta_nets import conv_net
+
+torch.set_num_threads(1)
+
+
+def _batch(n: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _stats(model: torch.nn.Module) -> tta.SourceStats:
+    x = torch.rand(40, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    return tta.source_stats(model, [(x, torch.arange(40) % 4)], class_covariance=False)
+
+
+# -- passes per sample, counted with hooks --------------------------------------------------------------------------
+@pytest.mark.parametrize("name, steps, expected", [
+    ("plain", 1, (1.0, 0.0)), ("source", 1, (1.0, 0.0)), ("norm", 1, (1.0, 0.0)), ("alpha_bn", 1, (1.0, 0.0)),
+    ("tent", 1, (1.0, 1.0)), ("core", 1, (1.0, 1.0)), ("cafa", 1, (1.0, 1.0)),
+    ("tent", 2, (2.0, 2.0)), ("core", 2, (2.0, 2.0)), ("cafa", 2, (2.0, 2.0)),
+    ("norm (reference)", 1, (1.0, 0.0)), ("tent (reference)", 1, (1.0, 1.0)),
+])
+def test_pass_counts(name: str, steps: int, expected: tuple[float, float]) -> None:
+    model = conv_net()
+    options = {name: {"steps": steps}} if name in ("tent", "core", "cafa") else {}
+    config = BenchConfig(method_options=options)
+    row = build_row(name, model, config, _stats(model) if name == "cafa" else None)
+    assert count_passes(row, _batch()) == expected
+
+
+def test_pass_counter_counts_samples_not_calls() -> None:
+    adapted = tta.adapt(conv_net(), "tent")
+    counter = PassCounter(adapted.model)
+    adapted(_batch(6))
+    adapted(_batch(10))
+    counter.remove()
+    assert (counter.forward_samples, counter.backward_samples) == (16, 16)
+    adapted(_batch(6))  # hooks removed: nothing more is counted
+    assert counter.forward_samples == 16
+
+
+# -- the reference-style implementations are faithful --------------------------------------------------------------
+def _bn_affine(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)
+            for p in (m.weight, m.bias)]
+
+
+@pytest.mark.parametrize("optimizer, lr", [("adam", 1e-2), ("sgd", 5e-2)])
+def test_reference_tent_equals_ours(optimizer: str, lr: float) -> None:
+    source = conv_net()
+    ours = tta.adapt(copy.deepcopy(source), "tent", optimizer=optimizer, lr=lr)
+    reference = ReferenceTent(copy.deepcopy(source), tta.method_options("tent")(optimizer=optimizer, lr=lr))
+    before = _bn_affine(source)
+    for seed in range(3):  # three steps: Adam's moments and SGD's momentum buffers are exercised
+        x = _batch(seed=seed)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), reference(x).detach(), rtol=1e-5, atol=1e-6)
+    after_ours, after_reference = _bn_affine(ours.model), _bn_affine(reference.model)
+    for a, b, c in zip(after_ours, after_reference, before):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(a, c)  # the step did change the parameters
+    reference.reset()
+    ours.reset()
+    for a, b, c in zip(_bn_affine(ours.model), _bn_affine(reference.model), before):
+        assert torch.equal(a, c) and torch.equal(b, c)
+
+
+def test_reference_tent_frozen_changes_cost_not_result() -> None:
+    source = conv_net()
+    loose, frozen = ReferenceTent(copy.deepcopy(source)), ReferenceTent(copy.deepcopy(source), freeze_other_params=True)
+    x = _batch()
+    torch.testing.assert_close(loose(x), frozen(x))
+    assert loose.model[0].weight.grad is not None  # weight gradients computed and never used
+    assert frozen.model[0].weight.grad is None
+    for a, b in zip(_bn_affine(loose.model), _bn_affine(frozen.model)):
+        torch.testing.assert_close(a, b)
+
+
+def test_reference_norm_equals_ours_and_resets() -> None:
+    source = conv_net()
+    ours = tta.adapt(copy.deepcopy(source), "norm")
+    reference = ReferenceNorm(copy.deepcopy(source))
+    state = copy.deepcopy(source.state_dict())
+    for seed in range(2):
+        x = _batch(seed=seed)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(reference.model[1].running_mean, state["1.running_mean"])  # train-mode BN updates them
+    reference.reset()
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+# -- bench.json from a tiny run -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "--model", "cifar10_resnet20", "--methods", "all", "--batch-size", "8", "--repeats", "2",
+            "--warmup", "1", "--threads", "1", "--memory", "inprocess", "--out", str(out)]
+    assert tta_main(argv) == 0
+    return json.loads((out / "bench.json").read_text()), str(out)
+
+
+def test_bench_json_records(tiny_run: tuple[dict, str]) -> None:
+    result, _ = tiny_run
+    records = {r["method"]: r for r in result["records"]}
+    assert list(records) == ["plain", *tta.methods(), "norm (reference)", "tent (reference)"]
+    for name, r in records.items():
+        assert r["error"] is None, name
+        for key in ("images_per_s", "ms_per_batch", "ratio_to_plain", "ms_p25", "ms_p75", "ms_min", "ms_max",
+                    "peak_memory_mb", "forward_per_sample", "backward_per_sample", "first_batch_ms"):
+            assert isinstance(r[key], float) and r[key] >= 0, (name, key)
+        assert r["ms_min"] <= r["ms_p25"] <= r["ms_per_batch"] <= r["ms_p75"] <= r["ms_max"]
+        assert r["images_per_s"] == pytest.approx(8 / r["ms_per_batch"] * 1e3)
+        assert len(r["ms_all"]) == 2
+        if name == "plain":
+            assert r["reset_ms"] is None
+        else:
+            assert isinstance(r["reset_ms"], float) and r["reset_ratio_to_batch"] == pytest.approx(
+                r["reset_ms"] / r["ms_per_batch"])
+    assert records["plain"]["ratio_to_plain"] == 1.0
+    assert records["tent"]["ratio_to_plain"] == pytest.approx(records["tent"]["ms_per_batch"]
+                                                              / records["plain"]["ms_per_batch"])
+    assert {n: (r["forward_per_sample"], r["backward_per_sample"]) for n, r in records.items()} == {
+        "plain": (1, 0), "source": (1, 0), "norm": (1, 0), "alpha_bn": (1, 0), "core": (1, 1), "cafa": (1, 1),
+        "tent": (1, 1), "norm (reference)": (1, 0), "tent (reference)": (1, 1)}
+    # batch 8 of ResNet-20: tent keeps every activation for the backward pass, plain inference does not
+    assert records["tent"]["peak_memory_mb"] > records["plain"]["peak_memory_mb"] >= 0
+
+
+def test_bench_json_metadata(tiny_run: tuple[dict, str]) -> None:
+    result, _ = tiny_run
+    settings = result["settings"]
+    assert (settings["batch_size"], settings["repeats"], settings["threads"], settings["device"]) == (8, 2, 1, "cpu")
+    assert isinstance(result["versions"]["versions"]["torch"], str)
+    assert result["versions"]["torch_threads"] == 1
+    assert result["machine"]["start"]["cpu_count"] >= 1
+    assert "random initialisation" in result["weights"]
+    assert {g["goal"] for g in result["goals"]} >= {"norm <= 1.10x plain", "tent <= 2.5x plain"}
+
+
+def test_memory_probe_subprocess() -> None:
+    config = BenchConfig(batch_size=8, warmup=1, threads=1, methods=["tent"])
+    measured = bench.probe_memory(config, "tent")
+    assert measured["memory_method"].startswith("peak RSS"), measured
+    assert 0 < measured["peak_memory_mb"] < 500
+
+
+# -- small pieces and errors ----------------------------------------------------------------------------------------
+def test_time_rows_interleaves_and_drops_a_failing_row() -> None:
+    order: list[str] = []
+
+    def row(name: str, fail_at: int | None = None) -> bench.Row:
+        def call(x: torch.Tensor) -> torch.Tensor:
+            order.append(name)
+            if fail_at is not None and order.count(name) == fail_at:
+                raise RuntimeError("boom")
+            return x
+
+        return bench.Row(name, "tta", torch.nn.Identity(), call, None, {})
+
+    errors: dict[str, str] = {}
+    rows = [row("plain"), row("a"), row("b", fail_at=2)]
+    times = bench.time_rows(rows, [torch.zeros(2)], BenchConfig(repeats=3), errors)
+    assert order == ["plain", "a", "b", "a", "b", "plain", "plain", "a"]  # rotated each round; b dropped in round 2
+    assert set(times) == {"plain", "a"} and len(times["plain"]) == len(times["a"]) == 3
+    assert errors == {"b": "RuntimeError: boom (round 2)"}
+
+
+
+def test_quantile_matches_linear_interpolation() -> None:
+    values = [4.0, 1.0, 3.0, 2.0]
+    assert [quantile(values, q) for q in (0.0, 0.25, 0.5, 0.75, 1.0)] == [1.0, 1.75, 2.5, 3.25, 4.0]
+
+
+def test_row_names() -> None:
+    assert row_names("all") == ["plain", *tta.methods(), "norm (reference)", "tent (reference)"]
+    assert row_names("tent,tent_ref_frozen,tent") == ["plain", "tent", "tent (reference, frozen)"]
+    assert row_names(["plain"]) == ["plain"]
+
+
+def test_unknown_method_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(ValueError, match="unknown method 'tnet'.*tent_ref"):
+        row_names("norm,tnet")
+    assert tta_main(["bench", "--methods", "tnet", "--memory", "off"]) == 2
+    assert "unknown method 'tnet'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_unavailable_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        BenchConfig(device="cuda").validate()
+    assert tta_main(["bench", "--device", "cuda", "--memory", "off"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 1, "batch-size"), ("repeats", 0, "repeats"), ("memory", "rss", "memory"),
+    ("device", "tpu", "device")])
+def test_bad_settings_are_clear_errors(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BenchConfig(**{field: value}).validate()
