@@ -185,3 +185,14 @@ def test_gradient_methods_refuse_inference_mode_but_work_under_no_grad():
         assert not torch.equal(before, adapted.model[1].weight)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         adapted(torch.randn(8, 3, 8, 8))
+
+
+def test_finite_values_whose_sum_overflows_are_accepted():
+    x = torch.full((4, 3, 8, 8), 60000.0, dtype=torch.float16)  # each value finite, their float16 sum is inf
+    assert not torch.isfinite(x.sum())
+    from tta.validation import check_batch
+
+    check_batch(x, method="norm", ndim=4, dtype=torch.float16, needs_batch_statistics=True)  # no error
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        check_batch(x, method="norm", ndim=4, dtype=torch.float16, needs_batch_statistics=True)

@@ -46,5 +46,7 @@ def check_batch(x: object, *, method: str, ndim: int | None, dtype: torch.dtype 
         raise ValueError(f"{method}: a batch of 1 gives no usable batch statistics (test-time BN on a single image "
                          "normalises away its content); use method='alpha_bn' with alpha > 0, which mixes in the "
                          "source statistics, or batches of 2 or more")
-    if not bool(torch.isfinite(x).all()):
+    # A finite sum implies finite elements (any NaN/Inf makes the sum non-finite); only a non-finite sum, which
+    # may also come from finite values overflowing, needs the exact element-wise check (much slower).
+    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{method}: the batch contains NaN or Inf values; clean or drop those images")
