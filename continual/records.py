@@ -4,43 +4,22 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
+from eval.records import ResultsLog
+
 
 def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Append one JSON line and fsync it. A line torn by an earlier crash is closed first; readers skip it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True) + "\n"
-    if path.exists() and path.stat().st_size > 0:
-        with open(path, "rb") as handle:
-            handle.seek(-1, os.SEEK_END)
-            if handle.read(1) != b"\n":
-                line = "\n" + line  # close a line torn by a crash, so this record stays whole
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
+    """Append one fsynced JSON line (:class:`eval.records.ResultsLog`: one results-log mechanism for the project)."""
+    ResultsLog(path).append(record)
 
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All complete records of a JSON-lines file (torn lines from a crash are skipped with a warning); [] if absent."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            warnings.warn(f"{path}:{number}: skipping a torn line (left by an interrupted write)")
-    return records
+    """All complete records of a JSON-lines file ([] if absent); a line torn by a crash is ignored."""
+    return ResultsLog(path).read()
 
 
 def latest_by_key(records: Iterable[dict[str, Any]], keys: tuple[str, ...] = ("seed", "experience")) -> list[dict]:
