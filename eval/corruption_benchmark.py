@@ -2,7 +2,7 @@
 
 ``run_benchmark(config)`` resolves the model, the data (clean data corrupted on the fly, or a pre-corrupted
 CIFAR-10-C / ImageNet-C folder, or real domains), the protocol and the methods; writes ``config.json``; runs each
-method through :func:`eval.runner.run_method` (resumable) into ``results.jsonl``; and writes the report.
+method through :func:`eval.runner.run_methods` (resumable) into ``results.jsonl``; and writes the report.
 """
 from __future__ import annotations
 

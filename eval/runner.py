@@ -149,11 +149,6 @@ def run_methods(runs: list[MethodRun], stream, log: ResultsLog, *, context: dict
     return written
 
 
-def run_method(run: MethodRun, stream, log: ResultsLog, **kwargs: Any) -> list[dict[str, Any]]:
-    """Evaluate one method (see :func:`run_methods`)."""
-    return run_methods([run], stream, log, **kwargs)
-
-
 def _record(run: MethodRun, stream, s: int, result: _SegmentResult, context: dict[str, Any]) -> dict[str, Any]:
     """The deterministic record of one finished segment (timings go to timings.jsonl, so that the same command
     with the same seed gives an identical results.jsonl on CPU)."""

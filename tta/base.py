@@ -170,7 +170,6 @@ class GradientAdapter(BatchNormAdapter):
         for p in self.params:
             p.requires_grad_(True)
         self.optimizer = make_optimizer(self.params, self.options)
-        self.skipped_steps = 0
 
     def _make_snapshot(self) -> Snapshot:
         return Snapshot(self._norm_tensors(), self.optimizer)
