@@ -13,17 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from tta.mixed_bn_kernel import mixed_batch_norm
+
 
 def find_batchnorms(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     """Every BatchNorm layer (1d/2d/3d/Sync, any subclass) of the model, with its qualified name."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
-
-
-def batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of a (N, C, *) batch, over every dimension but the channel one."""
-    dims = [0, *range(2, x.dim())]
-    var, mean = torch.var_mean(x, dim=dims, correction=0)
-    return mean, var
 
 
 class MixedBatchNorm(nn.Module):
@@ -31,7 +26,8 @@ class MixedBatchNorm(nn.Module):
 
     alpha = 1 normalises with the source running statistics (the source model), alpha = 0 with the statistics of
     the current batch (test-time BN). Running statistics are never updated. The layer behaves the same in train
-    and eval mode. With gradients enabled, the batch statistics are part of the graph (as in tent).
+    and eval mode. With gradients enabled, gradients flow through the batch statistics (as in tent). The
+    arithmetic (fast statistics, the eval kernel, the hand-written backward) is in :mod:`tta.mixed_bn_kernel`.
     A layer built without running statistics (``track_running_stats=False``) always uses batch statistics.
     """
 
@@ -59,23 +55,9 @@ class MixedBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"MixedBatchNorm expected (N, {self.num_features}, ...) input, got {tuple(x.shape)}")
-        source_only = not self.uses_batch_statistics
-        if source_only:
+        if not self.uses_batch_statistics:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        if self.alpha == 0.0 or self.running_mean is None:
-            # Pure batch statistics: the fused training-mode kernel (biased variance, no running update).
-            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        mean_t, var_t = batch_statistics(x)
-        mean = self.alpha * self.running_mean + (1.0 - self.alpha) * mean_t
-        var = self.alpha * self.running_var + (1.0 - self.alpha) * var_t
-        if not torch.is_grad_enabled():
-            return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
-        # batch_norm's eval kernel gives no gradient through mean/var: write it out so gradients reach mean_t/var_t.
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        return mixed_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.alpha, self.eps)
 
 
 @dataclass

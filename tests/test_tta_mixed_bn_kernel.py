@@ -1,0 +1,159 @@
+"""MixedBatchNorm's fast kernel against float64 hand computations, autograd's gradcheck and the plain formulation."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tta.mixed_bn_kernel import (CONDITION_LIMIT, MixedBatchNormFunction, batch_statistics, mixed_batch_norm,
+                                 native_batch_statistics, reference_mixed_batch_norm)
+
+
+def float64_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.double().transpose(0, 1).reshape(x.shape[1], -1)
+    mean = x.mean(1)
+    return mean, ((x - mean[:, None]) ** 2).mean(1)
+
+
+def by_hand(x, weight, bias, running_mean, running_var, alpha, eps):
+    """The layer's definition in float64, written out."""
+    mean_t, var_t = float64_statistics(x)
+    mean = alpha * running_mean.double() + (1 - alpha) * mean_t
+    var = alpha * running_var.double() + (1 - alpha) * var_t
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    y = (x.double() - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)
+    return y * weight.double().view(shape) + bias.double().view(shape)
+
+
+@pytest.mark.parametrize("shape", [(8, 3), (8, 3, 5), (6, 4, 5, 7), (3, 2, 3, 4, 5)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_statistics_match_float64(shape, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 3 + 2
+    if channels_last and len(shape) == 4:
+        x = x.to(memory_format=torch.channels_last)
+    mean, var = batch_statistics(x)
+    ref_mean, ref_var = float64_statistics(x)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-6)
+    assert mean.dtype == var.dtype == torch.float32
+
+
+def test_large_mean_small_spread_falls_back_to_the_exact_kernel():
+    """mean 100, std 0.01: float32 sums of squares lose every digit of the variance; the result must not."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 4, 8, 8) * 0.01 + 100.0
+    _, var = batch_statistics(x)
+    _, ref_var = float64_statistics(x)
+    assert torch.allclose(var.double(), ref_var, rtol=1e-3)
+    # The fast sums alone would be wrong by orders of magnitude here: the check is what saves it.
+    from tta.mixed_bn_kernel import _sum_statistics
+    _, fast_var = _sum_statistics(x)
+    assert (100.0 ** 2 > CONDITION_LIMIT * ref_var).all()
+    assert not torch.allclose(fast_var.double(), ref_var, rtol=1e-1)
+
+
+def test_constant_and_overflowing_channels():
+    x = torch.full((4, 2, 3, 3), 7.0)
+    x[:, 1] = 1e20  # x^2 overflows float32; the variance is 0
+    mean, var = batch_statistics(x)
+    assert torch.equal(var, torch.zeros(2)) and torch.equal(mean, torch.tensor([7.0, 1e20]))
+
+
+def test_native_statistics_are_biased_variance():
+    x = torch.randn(5, 3, 4, 4)
+    mean, var = native_batch_statistics(x)
+    ref_mean, ref_var = float64_statistics(x)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-6)
+
+
+def _layer(c, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.rand(c, generator=g, dtype=dtype) + 0.5).requires_grad_()
+    bias = torch.randn(c, generator=g, dtype=dtype).requires_grad_()
+    running_mean = torch.randn(c, generator=g, dtype=dtype)
+    running_var = torch.rand(c, generator=g, dtype=dtype) + 0.5
+    return weight, bias, running_mean, running_var
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.999])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradcheck(alpha, channels_last):
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 3, 5, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    weight, bias, running_mean, running_var = _layer(3)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: MixedBatchNormFunction.apply(x, w, b, running_mean, running_var, alpha, 1e-5),
+        (x, weight, bias))
+
+
+@given(alpha=st.sampled_from([0.0, 0.25, 0.5, 0.9]), n=st.integers(2, 9), c=st.integers(1, 5),
+       spatial=st.sampled_from([(), (3,), (2, 3), (2, 2, 2)]), seed=st.integers(0, 2 ** 16))
+@settings(max_examples=40, deadline=None)
+def test_forward_and_gradients_equal_the_plain_formulation(alpha, n, c, spatial, seed):
+    """Outputs and all three gradients of the fast path equal autograd through the written-out formula."""
+    torch.manual_seed(seed)
+    x = (torch.randn(n, c, *spatial, dtype=torch.float64) * 2 + 1).requires_grad_()
+    weight, bias, running_mean, running_var = _layer(c, seed=seed)
+    target = torch.randn(n, c, *spatial, dtype=torch.float64)
+    grads = []
+    for fn in (mixed_batch_norm, reference_mixed_batch_norm):
+        y = fn(x, weight, bias, running_mean, running_var, alpha, 1e-5)
+        loss = (y * target).sum() + (y ** 2).sum()
+        grads.append((y.detach(), *torch.autograd.grad(loss, (x, weight, bias))))
+    for fast, plain in zip(*grads):
+        torch.testing.assert_close(fast, plain, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grads[0][0], by_hand(x.detach(), weight, bias, running_mean, running_var, alpha, 1e-5),
+                               rtol=1e-9, atol=1e-9)
+
+
+def test_without_gradients_it_is_the_eval_kernel_with_mixed_statistics():
+    torch.manual_seed(2)
+    x = torch.randn(16, 4, 6, 6)
+    weight, bias, running_mean, running_var = (t.detach().float() for t in _layer(4))
+    with torch.no_grad():
+        y = mixed_batch_norm(x, weight, bias, running_mean, running_var, 0.4, 1e-5)
+    mean, var = batch_statistics(x)
+    expected = F.batch_norm(x, 0.4 * running_mean + 0.6 * mean, 0.4 * running_var + 0.6 * var, weight, bias,
+                            False, 0.0, 1e-5)
+    assert torch.equal(y, expected)
+    torch.testing.assert_close(y.double(), by_hand(x, weight, bias, running_mean, running_var, 0.4, 1e-5),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_alpha_zero_gradient_is_batch_norms_own_training_gradient():
+    torch.manual_seed(3)
+    x = torch.randn(8, 3, 5, 5, requires_grad=True)
+    weight, bias, running_mean, running_var = (t.detach().float().requires_grad_() for t in _layer(3))
+    target = torch.randn(8, 3, 5, 5)
+    ours = torch.autograd.grad((mixed_batch_norm(x, weight, bias, running_mean, running_var, 0.0, 1e-5)
+                                * target).sum(), (x, weight, bias))
+    theirs = torch.autograd.grad((F.batch_norm(x, None, None, weight, bias, True, 0.0, 1e-5) * target).sum(),
+                                 (x, weight, bias))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_without_affine_parameters():
+    torch.manual_seed(4)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    _, _, running_mean, running_var = _layer(3)
+    assert torch.autograd.gradcheck(
+        lambda x: MixedBatchNormFunction.apply(x, None, None, running_mean, running_var, 0.5, 1e-5), (x,))
+
+
+def test_bfloat16_input_keeps_its_dtype_and_float32_statistics():
+    torch.manual_seed(5)
+    x = torch.randn(8, 3, 4, 4).bfloat16().requires_grad_()
+    weight, bias, running_mean, running_var = (t.detach().float().requires_grad_() for t in _layer(3))
+    y = mixed_batch_norm(x, weight, bias, running_mean, running_var, 0.5, 1e-5)
+    y.float().square().sum().backward()
+    assert y.dtype == x.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+    torch.testing.assert_close(y.double(), by_hand(x.detach().float(), weight, bias, running_mean, running_var, 0.5,
+                                                   1e-5), rtol=2e-2, atol=2e-2)
