@@ -11,7 +11,7 @@ from torch import nn
 
 import tta
 from tests.tta_nets import conv_net
-from tta.methods.cafa import cafa_loss, mahalanobis_squared, regularised_inverse
+from tta.methods.cafa import TiedMahalanobis, cafa_loss, mahalanobis_squared, regularised_inverse
 from tta.methods.core import class_correlation_loss
 from tta.methods.tent import softmax_entropy
 
@@ -239,3 +239,23 @@ def test_core_step_equals_hand_written_step(optimizer):
     adapted = tta.adapt(conv_net(), "core", alpha=alpha, lr=1e-2, optimizer=optimizer)
     torch.testing.assert_close(adapted(x), logits.detach(), rtol=1e-5, atol=1e-6)
     assert_step_close(adapted.model, reference, optimizer)
+
+
+@given(b=st.integers(1, 6), c=st.integers(2, 5), d=st.integers(1, 6), offset=st.sampled_from([0.0, 10.0, 1e3]),
+       seed=st.integers(0, 2 ** 16))
+@settings(max_examples=40, deadline=None)
+def test_tied_expanded_form_equals_the_direct_form_in_float32(b, c, d, offset, seed):
+    """The expanded quadratic form, in float32, against the direct (f - mu) P (f - mu) in float64, including
+    features far from the origin (offset) and features lying exactly on a class mean (distance 0, never < 0)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(c, d)) + offset
+    a = rng.normal(size=(d, d))
+    precision = np.linalg.inv(a @ a.T + d * np.eye(d))
+    features = np.concatenate([rng.normal(size=(b, d)) * 0.5 + offset, means[:1]])
+    features = features.astype(np.float32).astype(np.float64)  # the float32 input the layer actually sees
+    direct = np.einsum("bcd,de,bce->bc", features[:, None] - means[None], precision, features[:, None] - means[None])
+    got = TiedMahalanobis(torch.tensor(means), torch.tensor(precision), torch.float32)(
+        torch.tensor(features, dtype=torch.float32))
+    assert (got >= 0).all() and got.dtype == torch.float32
+    scale = direct.max()
+    np.testing.assert_allclose(got.double().numpy(), direct, rtol=1e-4, atol=1e-5 * scale)

@@ -29,18 +29,51 @@ def classifier_layer(model: nn.Module, name: str | None = None) -> tuple[str, nn
     return linears[-1]
 
 
-class FeatureRecorder:
-    """Records the (flattened) input of a layer on every forward, via a forward pre-hook."""
+class FeatureTap(nn.Module):
+    """Stands in for the classifier layer: calls it and keeps its flattened input as ``features``.
+
+    Installed in place of the layer (:meth:`install`) and removed again (:meth:`remove`). It is a module rather
+    than a forward pre-hook because ``torch.compile`` does not guard on hooks: a compiled copy of the same
+    architecture without the hook would be reused and the features never recorded. The layer's parameters,
+    buffers and children are registered under their own names (the same tensors), so ``state_dict`` keys and
+    values are unchanged while the tap is in place.
+    """
 
     def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "layer", layer)  # not a submodule: its tensors are registered directly below
+        for name, parameter in layer.named_parameters(recurse=False):
+            self.register_parameter(name, parameter)
+        for name, buffer in layer.named_buffers(recurse=False):
+            self.register_buffer(name, buffer, persistent=name not in layer._non_persistent_buffers_set)
+        for name, child in layer.named_children():
+            self.add_module(name, child)
         self.features: torch.Tensor | None = None
-        self._handle = layer.register_forward_pre_hook(self._record)
+        object.__setattr__(self, "_parent", None)  # plain attributes: a registered parent would be a cycle
+        self._attr = ""
 
-    def _record(self, module: nn.Module, args: tuple) -> None:
-        self.features = args[0].flatten(1)
+    @classmethod
+    def install(cls, model: nn.Module, name: str) -> "FeatureTap":
+        """Replace ``model.<name>`` with a tap around it."""
+        if not name:
+            raise ValueError("the feature layer cannot be the model itself; name a submodule")
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        tap = cls(getattr(parent, attr))
+        setattr(parent, attr, tap)
+        object.__setattr__(tap, "_parent", parent)
+        tap._attr = attr
+        return tap
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        self.features = x.flatten(1)
+        return self.layer(x, *args, **kwargs)
 
     def remove(self) -> None:
-        self._handle.remove()
+        """Put the original layer back (its tensors were shared, so it holds their current values)."""
+        if self._parent is not None and getattr(self._parent, self._attr) is self:
+            setattr(self._parent, self._attr, self.layer)
+        object.__setattr__(self, "_parent", None)
 
 
 @dataclass
@@ -104,7 +137,7 @@ def source_stats(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
         num_classes = layer.out_features
     modes = {n: m.training for n, m in model.named_modules()}
     model.eval()
-    recorder = FeatureRecorder(layer)
+    recorder = FeatureTap.install(model, name)
     counts = sums = outer = class_outer = None
     try:
         with torch.no_grad():

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import nn
 
 from tta.base import GradientAdapter
 from tta.options import GradientOptions, option
 from tta.registry import register
-from tta.source_stats import FeatureRecorder, SourceStats, classifier_layer
+from tta.source_stats import FeatureTap, SourceStats, classifier_layer
 
 
 def regularised_inverse(covariance: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -34,20 +35,52 @@ def regularised_inverse(covariance: torch.Tensor, ridge: float) -> torch.Tensor:
     return torch.cholesky_inverse(torch.linalg.cholesky(regularised))
 
 
+class TiedMahalanobis(nn.Module):
+    """Squared Mahalanobis distances to every class mean under one (tied) precision, as an expanded quadratic form.
+
+    ``(f - mu_c) P (f - mu_c) = f P f - 2 (f P) . mu_c + mu_c P mu_c``: the (B, C, D) differences of the direct
+    form are never built, and ``mu P`` and ``mu P mu`` are computed once (non-persistent buffers, so they move
+    with ``.to()``). At ImageNet scale (B 64, C 1000, D 2048) a forward and backward take about 0.1 s instead of
+    14 s on CPU. Features and means are first centred on the mean of the class means (distances are
+    shift-invariant), which keeps the terms small and the cancellation mild; rounding can still make a distance
+    slightly negative, so it is clamped at zero.
+    """
+
+    def __init__(self, means: torch.Tensor, precision: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        centre = means.mean(0)
+        centred = means - centre
+        means_precision = centred @ precision
+        dtype = dtype or means.dtype
+        for name, value in (("centre", centre), ("means", centred), ("precision", precision),
+                            ("means_precision", means_precision), ("means_norm", (means_precision * centred).sum(1))):
+            self.register_buffer(name, value.to(dtype), persistent=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        centred = features - self.centre
+        features_norm = ((centred @ self.precision) * centred).sum(1, keepdim=True)
+        cross = centred @ self.means_precision.T
+        return (features_norm - 2.0 * cross + self.means_norm).clamp_min(0.0)
+
+
 def mahalanobis_squared(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     """(B, C) squared Mahalanobis distances; ``precision`` (D, D) tied or (C, D, D) per class."""
-    diff = features[:, None, :] - means[None, :, :]
     if precision.dim() == 2:
-        return torch.einsum("bcd,de,bce->bc", diff, precision, diff)
+        return TiedMahalanobis(means, precision)(features)
+    diff = features[:, None, :] - means[None, :, :]
     return torch.einsum("bcd,cde,bce->bc", diff, precision, diff)
+
+
+def loss_from_distances(distances: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """mean_i log(D_i,y_hat_i / sum_c D_i,c), y_hat = argmax of the logits."""
+    pseudo = logits.argmax(1, keepdim=True)
+    return torch.log(distances.gather(1, pseudo).squeeze(1) / distances.sum(1)).mean()
 
 
 def cafa_loss(features: torch.Tensor, logits: torch.Tensor, means: torch.Tensor,
               precision: torch.Tensor) -> torch.Tensor:
     """mean_i log(D(x_i; mu_{y_hat_i}) / sum_c D(x_i; mu_c)), y_hat = argmax of the logits."""
-    distances = mahalanobis_squared(features, means, precision)
-    pseudo = logits.argmax(1, keepdim=True)
-    return torch.log(distances.gather(1, pseudo).squeeze(1) / distances.sum(1)).mean()
+    return loss_from_distances(mahalanobis_squared(features, means, precision), logits)
 
 
 @dataclass
@@ -79,14 +112,24 @@ class Cafa(GradientAdapter):
             raise ValueError("covariance='class' needs per-class covariances: compute source_stats with "
                              "class_covariance=True")
         super()._setup()
-        _, layer = classifier_layer(self.model, stats.feature_layer)
-        self._recorder = FeatureRecorder(layer)
+        name, _ = classifier_layer(self.model, stats.feature_layer)
+        # a plain attribute, not a submodule of the adapter: the tap already sits inside self.model
+        object.__setattr__(self, "_recorder", FeatureTap.install(self.model, name))
         dtype = self._dtype or torch.float32
         device = next(self.model.parameters()).device
         covariance = stats.tied_covariance if self.options.covariance == "tied" else stats.class_covariances
+        precision = regularised_inverse(covariance, self.options.ridge)
         self.register_buffer("class_means", stats.means.to(device=device, dtype=dtype), persistent=False)
-        self.register_buffer("precision", regularised_inverse(covariance, self.options.ridge)
-                             .to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("precision", precision.to(device=device, dtype=dtype), persistent=False)
+        # Tied: the expanded form, its constant parts computed once in float64 and then cast.
+        self.tied_distances = (TiedMahalanobis(stats.means, precision, dtype).to(device)
+                               if self.options.covariance == "tied" else None)
+
+    def distances(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C) squared Mahalanobis distances of the features to the source class means."""
+        if self.tied_distances is not None:
+            return self.tied_distances(features)
+        return mahalanobis_squared(features, self.class_means, self.precision)
 
     def loss(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         features = self._recorder.features
@@ -94,7 +137,7 @@ class Cafa(GradientAdapter):
             got = None if features is None else features.shape[1]
             raise ValueError(f"cafa: the model's features have dimension {got}, the source statistics "
                              f"{self.class_means.shape[1]}; were they computed with this model?")
-        return cafa_loss(features, logits, self.class_means, self.precision)
+        return loss_from_distances(self.distances(features), logits)
 
     def _teardown(self) -> None:
         self._recorder.remove()
