@@ -7,6 +7,7 @@ from pathlib import Path
 import tta
 from eval.corruption_benchmark import BenchmarkConfig, run_benchmark
 from eval.method_cli import add_method_options, method_options_from_args
+from streams.protocols import KINDS
 
 
 def _csv(text: str) -> list[str]:
@@ -31,8 +32,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, default=10, help="with --arch: number of classes")
     parser.add_argument("--methods", default=",".join(tta.methods()),
                         help=f"comma-separated methods (default: all: {','.join(tta.methods())})")
-    parser.add_argument("--protocol", default="reset", choices=["reset", "continual", "gradual", "mixed", "correlated"])
-    parser.add_argument("--delta", type=float, default=0.1, help="Dirichlet concentration for --protocol correlated")
+    parser.add_argument("--protocol", default="reset", choices=KINDS)
+    parser.add_argument("--delta", type=float, default=0.1, help="Dirichlet concentration for the correlated protocols")
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--n-images", type=int, default=None, help="seeded random subset per domain (default: all)")
     parser.add_argument("--seed", type=int, default=0)

@@ -19,6 +19,7 @@ import tta
 from eval.corruption_benchmark import BenchmarkConfig, run_benchmark
 from eval.corruption_cli import print_tables
 from eval.models import NormalizedModel
+from streams.protocols import KINDS
 
 
 def digits_cnn(num_classes: int = 10) -> nn.Module:
@@ -59,7 +60,7 @@ def train_digits_cnn(seed: int = 0, epochs: int = 12, batch_size: int = 64, log:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    parser.add_argument("--protocol", default="reset", choices=["reset", "continual", "gradual", "mixed", "correlated"])
+    parser.add_argument("--protocol", default="reset", choices=KINDS)
     parser.add_argument("--severity", type=int, default=3)
     parser.add_argument("--corruptions", default="all")
     parser.add_argument("--methods", default=",".join(tta.methods()))

@@ -13,6 +13,8 @@ A protocol holds no data and no model; :func:`streams.make_stream` joins it with
 - ``correlated``: like ``reset`` (one segment per domain, reset before each), but the order inside each domain is
   label-correlated by the Dirichlet scheme of NOTE (Gong et al. 2022) / RoTTA (Yuan et al. 2023), concentration
   ``dirichlet_delta`` (default 0.1; smaller = more correlated), see :func:`streams.orders.dirichlet_order`.
+- ``correlated-continual``: label-correlated as ``correlated``, but the domains follow each other without reset
+  (as ``continual``): the long, class-biased stream on which BN-based methods are reported to collapse.
 
 Orders are always seeded permutations: data stored class by class is never streamed in file order.
 """
@@ -21,8 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Sequence, Union
 
-KINDS = ("reset", "continual", "gradual", "mixed", "correlated")
-Kind = Literal["reset", "continual", "gradual", "mixed", "correlated"]
+KINDS = ("reset", "continual", "gradual", "mixed", "correlated", "correlated-continual")
+Kind = Literal["reset", "continual", "gradual", "mixed", "correlated", "correlated-continual"]
+CORRELATED_KINDS = ("correlated", "correlated-continual")
 GRADUAL_SEVERITIES = (1, 2, 3, 4, 5, 4, 3, 2, 1)
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -83,8 +86,8 @@ class Protocol:
             raise ValueError(f"n_images must be None or an int >= 1, got {self.n_images!r}")
         if self.dirichlet_delta is not None and not (float(self.dirichlet_delta) > 0):
             raise ValueError(f"dirichlet_delta must be > 0 (or None for i.i.d.), got {self.dirichlet_delta!r}")
-        if self.kind == "correlated" and self.dirichlet_delta is None:
-            raise ValueError("a 'correlated' protocol needs dirichlet_delta > 0")
+        if self.kind in CORRELATED_KINDS and self.dirichlet_delta is None:
+            raise ValueError(f"a {self.kind!r} protocol needs dirichlet_delta > 0")
         if self.kind == "gradual" and any(d.corruption is None for d in self.domains):
             raise ValueError("a 'gradual' protocol needs corrupted domains (a severity sequence per corruption)")
 
@@ -130,7 +133,7 @@ def make_protocol(kind: Kind, corruptions: str | Sequence[str] = "all", severity
     ``<corruption>-<severity>``. ``severity``: an int, or a sequence giving several severities per corruption
     (corruption-major order); for ``gradual`` an int means the standard 1,2,3,4,5,4,3,2,1 sequence and a sequence
     replaces it. ``domains``: real domain names (keys of the data dict) or Domain objects, replacing
-    ``corruptions``. ``delta`` is used by ``correlated`` only.
+    ``corruptions``. ``delta`` is used by ``correlated`` and ``correlated-continual`` only.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown protocol kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -142,4 +145,4 @@ def make_protocol(kind: Kind, corruptions: str | Sequence[str] = "all", severity
         severities = _severities(severity, kind)
         chosen = tuple(Domain.corrupted(c, s) for c in corruption_names(corruptions) for s in severities)
     return Protocol(kind=kind, domains=chosen, batch_size=batch_size, seed=seed, n_images=n_images,
-                    dirichlet_delta=float(delta) if kind == "correlated" else None)
+                    dirichlet_delta=float(delta) if kind in CORRELATED_KINDS else None)

@@ -51,7 +51,7 @@ def _build_segments(protocol: Protocol) -> list[tuple[Segment, tuple[int, ...]]]
     domains = protocol.domains
     if protocol.kind == "mixed":
         return [(Segment("mixed", domains, True), tuple(range(len(domains))))]
-    reset_each = protocol.kind in ("reset", "correlated")
+    reset_each = protocol.kind in ("reset", "correlated")  # correlated-continual: never reset, as continual
     seen: dict[str, int] = {}
     segments = []
     for i, domain in enumerate(domains):

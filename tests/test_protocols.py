@@ -19,14 +19,14 @@ def test_corruption_name_sets():
     assert streams.CORRUPTIONS[0] == "gaussian_noise" and streams.CORRUPTIONS[-1] == "jpeg_compression"
 
 
-@pytest.mark.parametrize("kind", ["reset", "continual", "mixed", "correlated"])
+@pytest.mark.parametrize("kind", ["reset", "continual", "mixed", "correlated", "correlated-continual"])
 def test_one_domain_per_corruption(kind):
     protocol = make_protocol(kind, severity=3, batch_size=64, seed=7, n_images=500)
     assert protocol.kind == kind and protocol.batch_size == 64 and protocol.seed == 7 and protocol.n_images == 500
     assert [d.corruption for d in protocol.domains] == list(streams.CORRUPTIONS)
     assert {d.severity for d in protocol.domains} == {3}
     assert protocol.domains[0] == Domain("gaussian_noise-3", "gaussian_noise", 3)
-    assert protocol.dirichlet_delta == (0.1 if kind == "correlated" else None)
+    assert protocol.dirichlet_delta == (0.1 if kind.startswith("correlated") else None)
 
 
 def test_gradual_severity_sequence():

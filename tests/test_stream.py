@@ -33,7 +33,8 @@ def _index_of(batch) -> list[int]:
 
 
 @pytest.mark.parametrize("kind, resets", [
-    ("reset", [True, True, True]), ("continual", [True, False, False]), ("correlated", [True, True, True])])
+    ("reset", [True, True, True]), ("continual", [True, False, False]), ("correlated", [True, True, True]),
+    ("correlated-continual", [True, False, False])])
 def test_segments_and_reset_flags(kind, resets):
     protocol = make_protocol(kind, corruptions="fog,snow,frost", batch_size=32)
     stream = make_stream(class_sorted(), protocol, severity_marker)
@@ -108,6 +109,9 @@ def test_class_sorted_data_is_shuffled_unless_correlated():
         return np.mean([torch.bincount(b.y).max().item() / len(b.y) for b in stream])
 
     assert top_share(correlated) > top_share(iid) + 0.3
+    chained = make_stream(data, make_protocol("correlated-continual", corruptions="fog", batch_size=40, delta=0.01),
+                          severity_marker)
+    assert [torch.equal(a.y, b.y) for a, b in zip(chained, correlated)] == [True] * 5  # the same label order
 
 
 def test_same_protocol_same_batches_bitwise_and_segment_resume():
