@@ -1,15 +1,13 @@
 """Atomic files for resumable runs: JSON-lines records appended with fsync, JSON and checkpoints via tmp+replace."""
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
-from eval.records import ResultsLog
+from eval.records import ResultsLog, replace_atomically, write_json_atomic, write_text_atomic
 
 
 def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
@@ -30,35 +28,19 @@ def latest_by_key(records: Iterable[dict[str, Any]], keys: tuple[str, ...] = ("s
     return list(chosen.values())
 
 
-def _replace_atomically(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON via a temporary file and os.replace (readers never see a half-written file)."""
-    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    _replace_atomically(Path(path), lambda handle: handle.write(data))
+    """Write JSON atomically (:func:`eval.records.write_json_atomic`)."""
+    write_json_atomic(path, obj)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    _replace_atomically(Path(path), lambda handle: handle.write(text.encode("utf-8")))
+    write_text_atomic(path, text)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """torch.save via a temporary file and os.replace. Keep ``state`` to tensors and plain Python containers,
     so :func:`load_checkpoint` can read it with ``weights_only=True``."""
-    _replace_atomically(Path(path), lambda handle: torch.save(state, handle))
+    replace_atomically(path, lambda handle: torch.save(state, handle))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -7,7 +7,6 @@ to plain inference (``model.eval()`` under ``torch.inference_mode()``) of the sa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import tta
 from eval.bench import BenchConfig, check_goals, run_bench
 from eval.method_cli import add_method_options, method_options_from_args
+from eval.records import write_json_atomic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,9 +83,7 @@ def write_json(result: dict[str, Any], out: str | os.PathLike) -> Path:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "bench.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp, path)
+    write_json_atomic(path, result)
     return path
 
 

@@ -40,7 +40,7 @@ def add_method_options(parser: argparse.ArgumentParser, methods: list[str] | Non
             elif get_origin(hint) is Literal:
                 kwargs.update(choices=list(get_args(hint)), type=type(get_args(hint)[0]))
             elif hint in (int, float, str):
-                kwargs["type"] = hint
+                kwargs.update(type=hint, metavar=f.name.upper())
             else:
                 continue
             group.add_argument(_flag(method, f.name), **kwargs)

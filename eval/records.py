@@ -3,13 +3,17 @@
 A record is appended as one line, flushed and fsynced. If a run is killed mid-write, the last line may be
 incomplete: readers ignore a trailing line that does not parse, and the next append first cuts the file back
 to its last complete line. So no record is ever half-read, lost once written, or duplicated.
+
+Also the project's one way to replace a whole file atomically (:func:`replace_atomically`, used for config.json,
+bench.json, reports and checkpoints).
 """
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 
 class ResultsLog:
@@ -56,10 +60,30 @@ class ResultsLog:
             self.append(record)
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON via a temporary file and os.replace, so readers never see a partial file."""
+def replace_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Write a file through a unique temporary file in the same folder, fsync it, then ``os.replace`` it: readers
+    see the old file or the new one, never a partial one, and concurrent writers never share a temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON (indented, sorted keys; unknown types as strings) atomically."""
+    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+    replace_atomically(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text atomically."""
+    replace_atomically(path, lambda handle: handle.write(text.encode("utf-8")))

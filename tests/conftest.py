@@ -20,6 +20,17 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture
+def one_thread():
+    """Training on a shared 2-core machine: one intra-op thread avoids spin-waiting between busy cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def cifar10_zip() -> Path:
     return shared_path("cifar10", "cifar10-jpeg.zip")

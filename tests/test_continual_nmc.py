@@ -19,13 +19,7 @@ LABELS = torch.randint(0, 4, (30,))
 LABELS[:4] = torch.arange(4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Training on a shared 2-core machine: one intra-op thread avoids spin-waiting between busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _at_once() -> torch.Tensor:

@@ -13,13 +13,7 @@ from continual.replay import JointReplay, ReservoirBuffer, ace_loss
 from continual.runner import quiet_evaluator
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Training on a shared 2-core machine: one intra-op thread avoids spin-waiting between busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
