@@ -60,6 +60,12 @@ class ResultsLog:
             self.append(record)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def replace_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
     """Write a file through a unique temporary file in the same folder, fsync it, then ``os.replace`` it: readers
     see the old file or the new one, never a partial one, and concurrent writers never share a temporary file."""
@@ -67,6 +73,7 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

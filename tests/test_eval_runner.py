@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
 
 import streams
 import tta
-from eval.records import ResultsLog
+from eval.records import ResultsLog, replace_atomically, write_json_atomic
 from eval.report import error_table, write_report
 from eval.runner import MethodRun, run_methods
 from streams.image_dataset import ImageDataset
@@ -118,6 +120,24 @@ def test_results_log_ignores_and_repairs_a_half_written_last_line(tmp_path):
     log.path.write_text('{"a": 1}\nnot json\n{"a": 3}\n')
     with pytest.raises(ValueError, match="line 2"):
         log.read()
+
+
+def test_atomic_replace_keeps_the_old_file_on_failure_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "config.json"
+    write_json_atomic(path, {"b": 1, "a": [1, 2]})
+    assert json.loads(path.read_text()) == {"a": [1, 2], "b": 1}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
+
+    def fail(handle):
+        handle.write(b'{"half": ')
+        raise RuntimeError("killed while writing")
+
+    with pytest.raises(RuntimeError):
+        replace_atomically(path, fail)
+    assert json.loads(path.read_text()) == {"a": [1, 2], "b": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
 def test_report_from_records_alone(tmp_path):
