@@ -66,11 +66,17 @@ class BenchmarkConfig:
     progress: bool = True
 
 
-def _check_same_run(path: Path, config: BenchmarkConfig) -> None:
+def _check_same_run(path: Path, config: BenchmarkConfig, resolved: dict[str, dict[str, Any]]) -> None:
+    """Refuse to resume a folder whose results came from other data, model, protocol or method options (a changed
+    option or library default would otherwise mix old rows into the new table). Adding methods is fine."""
     if not path.exists():
         return
-    previous = json.loads(path.read_text()).get("config", {})
+    saved = json.loads(path.read_text())
+    previous = saved.get("config", {})
     changed = [k for k in _RESULT_FIELDS if k in previous and previous[k] != _jsonable(getattr(config, k))]
+    previous_options = saved.get("resolved_options", {})
+    changed += [f"{method} options" for method, options in _jsonable(resolved).items()
+                if method in previous_options and previous_options[method] != options]
     if changed:
         raise ValueError(f"{path.parent} holds results of a different run ({', '.join(changed)} differ); "
                          "use another --out, or delete that folder to start again")
@@ -162,10 +168,12 @@ def run_benchmark(config: BenchmarkConfig, model: nn.Module | None = None) -> di
     unknown = [m for m in config.methods if m not in tta.methods()]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; registered: {', '.join(tta.methods())}")
-    _check_same_run(out / "config.json", config)
     resolved = {m: resolved_options(m, config.method_options.get(m, {})) for m in config.methods}
-    write_json_atomic(out / "config.json", {"config": _jsonable(dataclasses.asdict(config)),
-                                            "resolved_options": _jsonable(resolved), **versions()})
+    _check_same_run(out / "config.json", config, resolved)
+    earlier = json.loads((out / "config.json").read_text()).get("resolved_options", {}) \
+        if (out / "config.json").exists() else {}
+    write_json_atomic(out / "config.json", {"config": _jsonable(dataclasses.asdict(config)),  # every method ever run
+                                            "resolved_options": {**earlier, **_jsonable(resolved)}, **versions()})
     torch.manual_seed(config.seed)
     stream = build_stream(config)
     make_model = model_factory(config, model)

@@ -61,6 +61,9 @@ def test_tta_corruption_runs_resumes_and_refuses_a_different_run_in_the_same_fol
     # a different run into the same folder is refused
     assert main([*argv[:argv.index("--severity") + 1], "3", *argv[argv.index("--severity") + 2:]]) == 2
     assert "different run (severity differ)" in capsys.readouterr().err
+    # so is a changed method option: tent's old rows would otherwise be reused as if run with the new lr
+    assert main([*argv[:-1], "0.005"]) == 2
+    assert "different run (tent options differ)" in capsys.readouterr().err
 
 
 def test_bad_method_and_missing_data_are_clear_one_line_errors(tmp_path, capsys, monkeypatch):
