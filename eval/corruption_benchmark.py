@@ -64,6 +64,7 @@ class BenchmarkConfig:
     guard_min_entropy: float = 0.3
     baseline: str | None = None  # a results.jsonl whose 'source' rows are the mCE baseline
     progress: bool = True
+    deterministic: bool = False  # recorded only: eval.determinism.enable_deterministic is process-wide
 
 
 def _check_same_run(path: Path, config: BenchmarkConfig, resolved: dict[str, dict[str, Any]]) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import tta
 from eval.corruption_benchmark import BenchmarkConfig, run_benchmark
+from eval.determinism import enable_deterministic
 from eval.method_cli import add_method_options, method_options_from_args
 from streams.protocols import KINDS
 
@@ -51,6 +52,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic algorithms (cuDNN, cuBLAS); CPU runs are deterministic without it; "
+                             "see eval/determinism.py for what it covers on GPU")
     add_method_options(parser)
 
 
@@ -78,7 +82,8 @@ def config_from_args(args: argparse.Namespace, **overrides) -> BenchmarkConfig:
         protocol=args.protocol, delta=args.delta, batch_size=args.batch_size, n_images=args.n_images, seed=args.seed,
         device=args.device, source_split=args.source_split, source_images=args.source_images,
         baseline=getattr(args, "baseline", None), progress=not args.no_progress, guard=args.collapse_guard,
-        guard_window=args.guard_window, guard_min_entropy=args.guard_min_entropy, **overrides)
+        guard_window=args.guard_window, guard_min_entropy=args.guard_min_entropy,
+        deterministic=getattr(args, "deterministic", False), **overrides)
 
 
 def print_tables(tables, out: str) -> None:
@@ -88,10 +93,13 @@ def print_tables(tables, out: str) -> None:
 
 
 def apply_threads(args: argparse.Namespace) -> None:
+    """Process-wide settings from the command line: CPU threads and deterministic algorithms."""
     if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)
+    if getattr(args, "deterministic", False):
+        enable_deterministic()
 
 
 def run(args: argparse.Namespace) -> int:
