@@ -5,21 +5,30 @@ Markdown tables of docs/results.md: a summary of mean errors per protocol, then 
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 from eval.records import ResultsLog
 from eval.report import error_table
 
-ORDER = ["reset", "continual", "gradual", "mixed", "correlated"]
+ORDER = ["reset", "continual", "gradual", "mixed", "correlated", "correlated-continual"]
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """'resnet20-n2000-correlated-continual' -> ('resnet20-n2000', 'correlated-continual')."""
+    match = re.fullmatch(r"(.*-n\d+)-(.+)", name)
+    if not match:
+        raise ValueError(f"run folder {name!r} is not named <model>-n<N>-<protocol>")
+    return match.group(1), match.group(2)
 
 
 def main(root: str = "runs/results") -> None:
     runs = sorted(p for p in Path(root).iterdir() if (p / "results.jsonl").exists())
     tables = {run.name: error_table(ResultsLog(run / "results.jsonl").read()) for run in runs}
-    models = sorted({name.rsplit("-", 1)[0] for name in tables})
+    models = sorted({split_name(name)[0] for name in tables})
     for model in models:
-        found = [name.rsplit("-", 1)[1] for name in tables if name.rsplit("-", 1)[0] == model]
+        found = [split_name(name)[1] for name in tables if split_name(name)[0] == model]
         protocols = sorted(found, key=lambda p: (ORDER.index(p) if p in ORDER else len(ORDER), p))
         methods = list(dict.fromkeys(m for p in protocols for m in tables[f"{model}-{p}"].methods))
         print(f"### {model}: mean error over the 15 corruptions (%)\n")
