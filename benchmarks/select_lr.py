@@ -10,6 +10,14 @@ CIFAR-10 JPEG test split (../shared/data). Each (learning rate, protocol) is one
 run under runs/select-lr/; the script then writes a JSON file and prints a Markdown table.
 
     .venv/bin/python benchmarks/select_lr.py --n-images 2000 --threads 1 --out docs/lr_selection.json
+
+Second selection (rule v2, written after the first rule's rates collapsed on a longer test stream; see
+docs/defaults.md): the same rule on the continual protocol alone, with a validation stream as long as the test
+stream of docs/results.md (the 4 validation corruptions at 7,500 images each: 150 steps, as many as 15 test
+corruptions at 2,000 images), for core and cafa, among 3e-4, 1e-3, 3e-3 and 9e-3:
+
+    .venv/bin/python benchmarks/select_lr.py --methods core,cafa --protocols continual --n-images 7500 \
+        --lrs 0.0003,0.001,0.003,0.009 --threads 1 --out docs/lr_selection_long.json
 """
 from __future__ import annotations
 
@@ -23,20 +31,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-METHODS = ("core", "cafa", "tent")
+DEFAULT_METHODS = "core,cafa,tent"
 PUBLISHED_LR = 1e-3
 MARGIN = 0.003
 
 
 def run(lr: float, protocol: str, args: argparse.Namespace) -> Path:
     """One resumable `tta corruption` run of the three methods at one learning rate."""
-    out = Path(args.runs) / f"lr{lr:g}-{protocol}-n{args.n_images}"
+    suffix = "" if args.methods == DEFAULT_METHODS.split(",") else "-" + "-".join(args.methods)
+    out = Path(args.runs) / f"lr{lr:g}-{protocol}-n{args.n_images}{suffix}"
     command = [sys.executable, "-m", "eval.cli", "corruption", "--model", "cifar10_resnet20",
-               "--weights", args.weights, "--data", args.data, "--methods", ",".join(METHODS),
+               "--weights", args.weights, "--data", args.data, "--methods", ",".join(args.methods),
                "--corruptions", "extra", "--severity", "5", "--protocol", protocol, "--batch-size", "200",
                "--n-images", str(args.n_images), "--seed", "0", "--threads", str(args.threads), "--no-progress",
                "--out", str(out)]
-    for method in METHODS:
+    for method in args.methods:
         command += [f"--{method}-lr", f"{lr:g}"]
     subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     return out
@@ -58,13 +67,18 @@ def main() -> None:
     parser.add_argument("--n-images", type=int, default=2000)
     parser.add_argument("--lrs", default="0.0003,0.001,0.003")
     parser.add_argument("--protocols", default="reset,continual")
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help="methods to sweep (comma-separated)")
+    parser.add_argument("--no-extend", action="store_true",
+                        help="do not extend the grid (to run parts of a grid in parallel; the final call extends)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", default=str(REPO / "runs" / "select-lr"))
     parser.add_argument("--out", default=str(REPO / "docs" / "lr_selection.json"))
     args = parser.parse_args()
+    args.methods = args.methods.split(",")
+    methods = tuple(args.methods)
     lrs = sorted(float(v) for v in args.lrs.split(","))
     protocols = args.protocols.split(",")
-    errors: dict[str, dict[str, dict[str, float]]] = {m: {} for m in METHODS}
+    errors: dict[str, dict[str, dict[str, float]]] = {m: {} for m in methods}
 
     def measure(lr: float) -> None:
         for protocol in protocols:
@@ -75,8 +89,8 @@ def main() -> None:
 
     for lr in lrs:
         measure(lr)
-    for _ in range(2):  # extend the grid where a method's best rate sits at one of its ends
-        best = {min(errors[m], key=lambda k: sum(errors[m][k].values())) for m in METHODS}
+    for _ in range(0 if args.no_extend else 2):  # extend the grid where a method's best rate sits at one of its ends
+        best = {min(errors[m], key=lambda k: sum(errors[m][k].values())) for m in methods}
         extra = []
         if f"{lrs[-1]:g}" in best:
             extra.append(float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}"))
@@ -87,9 +101,9 @@ def main() -> None:
         for lr in extra:
             measure(lr)
         lrs = sorted(lrs + extra)
-    mean = {m: {lr: sum(by_p.values()) / len(by_p) for lr, by_p in errors[m].items()} for m in METHODS}
+    mean = {m: {lr: sum(by_p.values()) / len(by_p) for lr, by_p in errors[m].items()} for m in methods}
     chosen = {}
-    for method in METHODS:
+    for method in methods:
         best = min(mean[method], key=mean[method].get)
         published = f"{PUBLISHED_LR:g}"
         keep = published in mean[method] and mean[method][published] - mean[method][best] <= MARGIN
@@ -100,7 +114,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print("| method | " + " | ".join(f"lr {lr:g} ({p})" for lr in lrs for p in protocols) + " | chosen |")
     print("|---|" + "---:|" * (len(lrs) * len(protocols) + 1))
-    for method in METHODS:
+    for method in methods:
         cells = [100 * errors[method][f"{lr:g}"][p] for lr in lrs for p in protocols]
         print(f"| {method} | " + " | ".join(f"{v:.1f}" for v in cells) + f" | {chosen[method]:g} |")
 
