@@ -106,7 +106,7 @@ def main() -> None:
     for method in methods:
         best = min(mean[method], key=mean[method].get)
         published = f"{PUBLISHED_LR:g}"
-        keep = published in mean[method] and mean[method][published] - mean[method][best] <= MARGIN
+        keep = published in mean[method] and mean[method][published] - mean[method][best] <= MARGIN + 1e-9
         chosen[method] = float(published if keep else best)
     result = {"errors": errors, "mean_error": mean, "chosen_lr": chosen, "rule": __doc__.split("\n\n")[1],
               "n_images": args.n_images, "date": str(date.today()),

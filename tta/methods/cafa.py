@@ -90,8 +90,6 @@ class CafaOptions(GradientOptions):
               "SourceStats.save; required", cli=False)
     covariance: Literal["tied", "class"] = option("tied", "covariance: one pooled ('tied') or one per class")
     ridge: float = option(1e-3, "ridge added to the covariance, relative to its mean variance (trace / D)")
-    lr: float = option(9e-3, "learning rate (chosen on the validation corruptions among 3e-4..2.7e-2; "
-                             "2.7e-2 collapsed under the continual protocol)")
 
 
 @register("cafa")
