@@ -14,7 +14,7 @@ from eval.metrics import mean_error
 
 @dataclass
 class ErrorTable:
-    """errors[method][column] in [0, 1]; columns in stream order; methods in run order."""
+    """errors[method][column] in [0, 1]; columns in stream order; methods in registry order."""
 
     protocol: str
     methods: list[str]
@@ -75,7 +75,17 @@ def error_table(records: Sequence[dict[str, Any]], protocol: str | None = None) 
     ordered = [columns[s] for s in sorted(columns)]
     if len(set(ordered)) != len(ordered):
         raise ValueError("segment names repeat within one protocol; streams name repeated segments uniquely")
-    return ErrorTable(protocol=protocol, methods=methods, columns=ordered, errors=errors)
+    return ErrorTable(protocol=protocol, methods=sorted(methods, key=_method_order), columns=ordered, errors=errors)
+
+
+def _method_order(label: str) -> tuple[int, str, bool]:
+    """Registry order (source, norm, ...), a '<method>+guard' row right after its method, unknown labels last:
+    tables look the same however a resumed run happened to finish its rows."""
+    import tta
+
+    base, _, suffix = label.partition("+")
+    registered = tta.methods()
+    return (registered.index(base) if base in registered else len(registered), base, bool(suffix))
 
 
 def plot_errors(table: ErrorTable, path: str | os.PathLike, title: str | None = None) -> Path:
