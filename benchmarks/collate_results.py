@@ -44,9 +44,39 @@ def main(root: str = "runs/results") -> None:
                     cells.append(f"{100 * table.mean(method):.1f}" + ("" if table.complete(method) else "*"))
             print(f"| {method} | " + " | ".join(cells) + " |")
         print()
+        guard_summary(root, model, protocols)
         for p in protocols:
             print(tables[f"{model}-{p}"].to_markdown(title=f"{model}, protocol {p}"))
             print()
+
+
+def guard_summary(root: str, model: str, protocols: list[str]) -> None:
+    """For runs with --collapse-guard: each method's mean error without and with the guard, and how many times
+    the guard reset it (summed over segments that start from a reset; the running count in a continual chain)."""
+    rows: dict[str, dict[str, str]] = {}
+    for p in protocols:
+        records = ResultsLog(Path(root) / f"{model}-{p}" / "results.jsonl").read()
+        if not any("guard_resets" in r for r in records):
+            continue
+        table = error_table(records)
+        for method in table.methods:
+            if method.endswith("+guard") or f"{method}+guard" not in table.methods:
+                continue
+            guarded = [r for r in records if r["method"] == f"{method}+guard"]
+            chained = [r for r in guarded if not r.get("reset_before", True)]
+            resets = max((r["guard_resets"] for r in guarded), default=0) if chained else \
+                sum(r["guard_resets"] for r in guarded)
+            rows.setdefault(method, {})[p] = (f"{100 * table.mean(method):.1f} | "
+                                              f"{100 * table.mean(method + '+guard'):.1f} | {resets}")
+    if not rows:
+        return
+    used = [p for p in protocols if any(p in by_p for by_p in rows.values())]
+    print(f"### {model}: collapse guard, mean error without | with the guard | guard resets\n")
+    print("| method | " + " | ".join(f"{p}: without | with | resets" for p in used) + " |")
+    print("|---|" + "---:|---:|---:|" * len(used))
+    for method, by_p in rows.items():
+        print(f"| {method} | " + " | ".join(by_p.get(p, "– | – | –") for p in used) + " |")
+    print()
 
 
 if __name__ == "__main__":
