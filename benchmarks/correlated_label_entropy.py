@@ -37,7 +37,7 @@ def main(delta: float = 0.1, window: int = 1000, batch: int = 200) -> None:
             batches += [normalised_entropy(torch.bincount(y[s:s + batch], minlength=10))
                         for s in range(0, len(y), batch)]
         print(f"{kind}: {window}-sample windows: min {min(windows):.2f}, median {np.median(windows):.2f}; "
-              f"single batches of {batch}: min {max(min(batches), 0.0):.2f}, median {np.median(batches):.2f}")
+              f"single batches of {batch}: min {min(batches) + 0.0:.2f}, median {np.median(batches):.2f}")
 
 
 if __name__ == "__main__":
