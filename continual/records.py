@@ -7,7 +7,9 @@ from typing import Any, Iterable
 
 import torch
 
-from eval.records import ResultsLog, replace_atomically, write_json_atomic, write_text_atomic
+from eval.records import ResultsLog, replace_atomically
+from eval.records import write_json_atomic as write_json  # noqa: F401  (re-exported for continual/)
+from eval.records import write_text_atomic as write_text  # noqa: F401
 
 
 def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
@@ -26,15 +28,6 @@ def latest_by_key(records: Iterable[dict[str, Any]], keys: tuple[str, ...] = ("s
     for record in records:
         chosen[tuple(record[k] for k in keys)] = record
     return list(chosen.values())
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically (:func:`eval.records.write_json_atomic`)."""
-    write_json_atomic(path, obj)
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    write_text_atomic(path, text)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
