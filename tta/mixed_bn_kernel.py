@@ -147,6 +147,5 @@ def mixed_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
     if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in (weight, bias))):
         return MixedBatchNormFunction.apply(x, weight, bias, running_mean, running_var, alpha, eps)
     mean, var = batch_statistics(x)
-    if running_mean is not None:
-        mean, var = _mix(alpha, running_mean, mean), _mix(alpha, running_var, var)
+    mean, var = _mix(alpha, running_mean, mean), _mix(alpha, running_var, var)
     return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)

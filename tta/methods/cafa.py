@@ -119,11 +119,13 @@ class Cafa(GradientAdapter):
         device = next(self.model.parameters()).device
         covariance = stats.tied_covariance if self.options.covariance == "tied" else stats.class_covariances
         precision = regularised_inverse(covariance, self.options.ridge)
+        tied = self.options.covariance == "tied"
         self.register_buffer("class_means", stats.means.to(device=device, dtype=dtype), persistent=False)
-        self.register_buffer("precision", precision.to(device=device, dtype=dtype), persistent=False)
-        # Tied: the expanded form, its constant parts computed once in float64 and then cast.
-        self.tied_distances = (TiedMahalanobis(stats.means, precision, dtype).to(device)
-                               if self.options.covariance == "tied" else None)
+        # Tied: the expanded form holds the precision and its constant parts (computed in float64, then cast);
+        # per class: the (C, D, D) precisions for the direct form.
+        self.tied_distances = TiedMahalanobis(stats.means, precision, dtype).to(device) if tied else None
+        self.register_buffer("precision", None if tied else precision.to(device=device, dtype=dtype),
+                             persistent=False)
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C) squared Mahalanobis distances of the features to the source class means."""
