@@ -33,6 +33,7 @@ from continual.nmc import ForwardFeatures, NMCClassifier, NMCStrategy, feature_d
 from continual.records import append_record, load_checkpoint, read_records, save_checkpoint, write_json
 from continual.replay import JointReplay
 from continual.schedules import LRSchedulePlugin, make_schedule
+from eval.records import remove_with_temporaries
 
 
 class ConfigMismatch(ValueError):
@@ -232,6 +233,7 @@ def run_seed(config: ContinualConfig, seed: int, out_dir: str | Path, progress: 
     T = config.tasks or BENCHMARKS[config.benchmark]["tasks"]
     done = {r["experience"] for r in read_records(results) if r.get("seed") == seed}
     if all(i in done for i in range(T)):
+        _remove_checkpoint(checkpoint)  # a kill between the last record and the clean-up can leave it behind
         return []  # finished: nothing is loaded or built
     seed_everything(seed)
     stream = build_benchmark(config.benchmark, config.data, seed, config.tasks, config.n_train, config.n_test,
@@ -273,11 +275,17 @@ def run_seed(config: ContinualConfig, seed: int, out_dir: str | Path, progress: 
         bar.update(1)
         bar.set_postfix(acc=f"{np.nanmean(row[: i + 1]):.3f}")
     bar.close()
-    if end == T and checkpoint.exists():
-        checkpoint.unlink()
-        if not any(checkpoint.parent.iterdir()):
-            checkpoint.parent.rmdir()
+    if end == T:
+        _remove_checkpoint(checkpoint)
     return written
+
+
+def _remove_checkpoint(checkpoint: Path) -> None:
+    """Delete a finished seed's checkpoint and any temporary file a killed save left beside it, then the folder
+    once it is empty."""
+    remove_with_temporaries(checkpoint)
+    if checkpoint.parent.exists() and not any(checkpoint.parent.iterdir()):
+        checkpoint.parent.rmdir()
 
 
 def _jsonable(obj: Any) -> Any:

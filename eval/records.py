@@ -85,6 +85,13 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]
         raise
 
 
+def remove_with_temporaries(path: str | os.PathLike) -> None:
+    """Delete ``path`` and any temporary file that a killed :func:`replace_atomically` left beside it."""
+    path = Path(path)
+    for leftover in [path, *path.parent.glob(f".{path.name}.*.tmp")]:
+        leftover.unlink(missing_ok=True)
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON (indented, sorted keys; unknown types as strings) atomically."""
     text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"

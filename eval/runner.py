@@ -7,7 +7,6 @@ checkpoint is missing, the chain is replayed silently from its last reset (resul
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from eval.metrics import CalibrationBins, online_error_curve
-from eval.records import ResultsLog
+from eval.records import ResultsLog, remove_with_temporaries, replace_atomically
 from tta.base import Adapted
 
 
@@ -31,10 +30,8 @@ class MethodRun:
 
 
 def _save_checkpoint(path: Path, segment: int, adapter: Adapted) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"segment": segment, "state": adapter.state_dict()}, tmp)
-    os.replace(tmp, path)
+    state = {"segment": segment, "state": adapter.state_dict()}
+    replace_atomically(path, lambda handle: torch.save(state, handle))
 
 
 def _load_checkpoint(path: Path, segment: int, adapter: Adapted) -> bool:
@@ -144,8 +141,8 @@ def run_methods(runs: list[MethodRun], stream, log: ResultsLog, *, context: dict
             timings.append({"method": label, "protocol": context.get("protocol"), "segment": s,
                             "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 1) if seconds else None})
             written.append(record)
-    for label in adapters:
-        _checkpoint_path(checkpoint_dir, label).unlink(missing_ok=True)
+    for run in runs:  # every label: a kill after the last record can leave a finished method's checkpoint
+        remove_with_temporaries(_checkpoint_path(checkpoint_dir, run.label))
     return written
 
 

@@ -38,8 +38,13 @@ def test_split_digits_end_to_end_and_rerun_skips(tmp_path, capsys):
     assert not (out / "checkpoints").exists()  # finished seeds leave no checkpoint
 
     before = _lines(out / "results.jsonl")
+    # a kill after the last record but before the clean-up leaves a checkpoint (and a torn temporary) behind
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "seed1.pt").write_bytes(b"stale")
+    (out / "checkpoints" / ".seed1.pt.x1y2.tmp").write_bytes(b"torn")
     assert _run(out, "--method", "er", "--norm", "adab2n", "--seeds", "0,1") == 0
     assert _lines(out / "results.jsonl") == before  # finished seeds are skipped
+    assert not (out / "checkpoints").exists()  # and their leftovers removed
 
     assert _run(out, "--method", "er_ace", "--norm", "adab2n", "--seeds", "0") == 2  # another run's folder
     assert "different configuration" in capsys.readouterr().out

@@ -89,6 +89,15 @@ def test_interrupted_runs_resume_to_identical_results(tmp_path, kind, after):
     assert not any((interrupted / "ckpt").glob("*.pt"))  # checkpoints are removed once a run completes
 
 
+def test_a_finished_run_removes_checkpoints_left_by_a_kill_after_its_last_record(tmp_path):
+    _run(_stream("continual"), tmp_path)
+    leftovers = [tmp_path / "ckpt" / "tent.pt", tmp_path / "ckpt" / ".tent.pt.k3j9.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"stale")
+    assert _run(_stream("continual"), tmp_path) == []  # nothing to redo
+    assert not any(path.exists() for path in leftovers)
+
+
 def test_continual_chain_is_replayed_when_its_checkpoint_is_lost(tmp_path):
     reference = tmp_path / "reference"
     _run(_stream("continual"), reference)
