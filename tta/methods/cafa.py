@@ -48,10 +48,12 @@ class TiedMahalanobis(nn.Module):
 
     def __init__(self, means: torch.Tensor, precision: torch.Tensor, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        centre = means.mean(0)
+        dtype = dtype or means.dtype
+        # The centre is rounded to the working dtype first, so features and means are centred on the very same
+        # point: subtracting it from a nearby float32 feature is exact, and no rounding of the centre enters.
+        centre = means.mean(0).to(dtype).to(means.dtype)
         centred = means - centre
         means_precision = centred @ precision
-        dtype = dtype or means.dtype
         for name, value in (("centre", centre), ("means", centred), ("precision", precision),
                             ("means_precision", means_precision), ("means_norm", (means_precision * centred).sum(1))):
             self.register_buffer(name, value.to(dtype), persistent=False)
