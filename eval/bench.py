@@ -38,6 +38,7 @@ import tta
 from eval.bench_reference import ReferenceNorm, ReferenceTent
 from eval.environment import versions
 from eval.models import NormalizedModel, load_model, model_entry
+from tta.cpu_memory import malloc_settings, retain_freed_memory
 
 PLAIN = "plain"
 REFERENCE_ROWS = {"norm_ref": "norm (reference)", "tent_ref": "tent (reference)",
@@ -394,6 +395,7 @@ def probe_main() -> int:
     """Entry of the memory subprocess: reads ``{"config", "row"}`` JSON on stdin, prints the result as JSON."""
     spec = json.loads(sys.stdin.read())
     config = BenchConfig(**spec["config"])
+    retain_freed_memory()  # the same allocator settings as the parent (TTA_MALLOC is inherited)
     if config.threads:
         torch.set_num_threads(config.threads)
     print(json.dumps(measure_row_memory(config, spec["row"])))
@@ -408,7 +410,7 @@ def machine() -> dict[str, Any]:
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), None)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "load_average": load,
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "load_average": load, "malloc": malloc_settings(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 

@@ -87,6 +87,12 @@ def write_json(result: dict[str, Any], out: str | os.PathLike) -> Path:
     return path
 
 
+def _malloc_note(settings: dict[str, int] | None) -> str:
+    if not settings:
+        return "glibc defaults (TTA_MALLOC=default, or not glibc)"
+    return "retains freed memory (" + ", ".join(f"{k} {v}" for k, v in settings.items()) + ")"
+
+
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         model=args.model, weights=args.weights, methods=[args.methods], batch_size=args.batch_size,
@@ -107,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     settings = (f"{config.model}, batch {config.batch_size}, {config.device}, threads "
                 f"{result['versions']['torch_threads']}, amp {config.amp}, channels_last {config.channels_last}, "
                 f"compile {config.compile}, repeats {config.repeats}, warm-up {config.warmup}, "
-                f"load average {result['machine']['start']['load_average']}")
+                f"load average {result['machine']['start']['load_average']}, malloc "
+                f"{_malloc_note(result['machine']['start'].get('malloc'))}")
     print(f"{settings}\n{result['weights']}\n")
     print(format_table(result))
     if args.out:
