@@ -77,10 +77,18 @@ def _check_same_run(path: Path, config: BenchmarkConfig, resolved: dict[str, dic
     changed = [k for k in _RESULT_FIELDS if k in previous and previous[k] != _jsonable(getattr(config, k))]
     previous_options = saved.get("resolved_options", {})
     changed += [f"{method} options" for method, options in _jsonable(resolved).items()
-                if method in previous_options and previous_options[method] != options]
+                if method in previous_options and _options_differ(method, previous_options[method], options)]
     if changed:
         raise ValueError(f"{path.parent} holds results of a different run ({', '.join(changed)} differ); "
                          "use another --out, or delete that folder to start again")
+
+
+def _options_differ(method: str, previous: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether rows made with ``previous`` options would differ from rows made with ``now``. An option added to the
+    library since the folder was written did not exist then, which is the same as its default now."""
+    defaults = _jsonable(resolved_options(method, {})) if set(now) - set(previous) else {}
+    return set(previous) - set(now) != set() or any(
+        previous.get(name, defaults.get(name)) != value for name, value in now.items())
 
 
 def _jsonable(value: Any) -> Any:

@@ -64,6 +64,15 @@ def test_tta_corruption_runs_resumes_and_refuses_a_different_run_in_the_same_fol
     # so is a changed method option: tent's old rows would otherwise be reused as if run with the new lr
     assert main([*argv[:-1], "0.005"]) == 2
     assert "different run (tent options differ)" in capsys.readouterr().err
+    # a folder written before an option existed resumes when that option is at its default, and only then
+    saved = json.loads((out / "config.json").read_text())
+    del saved["resolved_options"]["tent"]["weight_decay"]  # as if weight_decay had been added since
+    (out / "config.json").write_text(json.dumps(saved))
+    assert main(argv) == 0
+    capsys.readouterr()
+    (out / "config.json").write_text(json.dumps(saved))
+    assert main([*argv, "--tent-weight-decay", "0.1"]) == 2
+    assert "different run (tent options differ)" in capsys.readouterr().err
 
 
 def test_bad_method_and_missing_data_are_clear_one_line_errors(tmp_path, capsys, monkeypatch):
