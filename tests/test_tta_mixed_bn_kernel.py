@@ -157,3 +157,14 @@ def test_bfloat16_input_keeps_its_dtype_and_float32_statistics():
     assert y.dtype == x.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
     torch.testing.assert_close(y.double(), by_hand(x.detach().float(), weight, bias, running_mean, running_var, 0.5,
                                                    1e-5), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_statistics_come_from_the_native_kernel(dtype):
+    """Under autocast the maps are bfloat16: widening them for float32 sums cost 4x the native kernel, which reads
+    them as they are. The statistics must be exactly the native kernel's."""
+    x = (torch.randn(16, 4, 8, 8) * 3 + 1).to(dtype)
+    mean, var = batch_statistics(x)
+    native_mean, native_var = native_batch_statistics(x)
+    assert mean.dtype == var.dtype == torch.float32
+    assert torch.equal(mean, native_mean) and torch.equal(var, native_var)
