@@ -38,7 +38,7 @@ import tta
 from eval.bench_reference import ReferenceNorm, ReferenceTent
 from eval.environment import versions
 from eval.models import NormalizedModel, load_model, model_entry
-from tta.cpu_memory import malloc_settings, retain_freed_memory
+from tta.cpu_memory import malloc_settings, retain_freed_memory, return_free_memory
 
 PLAIN = "plain"
 REFERENCE_ROWS = {"norm_ref": "norm (reference)", "tent_ref": "tent (reference)",
@@ -324,10 +324,7 @@ def _release_free_memory() -> None:
     """Collect garbage and hand malloc's free pages back to the system (glibc ``malloc_trim``), so that memory
     allocated afterwards shows up in the RSS instead of reusing pages the process already holds."""
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return_free_memory()
 
 
 def measure_row_memory(config: BenchConfig, name: str) -> dict[str, Any]:

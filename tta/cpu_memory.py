@@ -66,6 +66,13 @@ def retain_freed_memory() -> dict[str, int] | None:
     return applied
 
 
+def return_free_memory() -> bool:
+    """Hand malloc's free heap pages back to the system now (glibc ``malloc_trim``), whatever the thresholds; the
+    memory measurement uses it so a row's allocations show up in the RSS. False where glibc is not in use."""
+    libc = _libc()
+    return libc is not None and bool(libc.malloc_trim(0))
+
+
 def malloc_settings() -> dict[str, int] | None:
     """What :func:`retain_freed_memory` applied in this process (None: nothing; glibc's own adaptive defaults)."""
     return _applied
