@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GLIBC_LINUX = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # Allocate, touch and free 200 MB in 8 tensors of 25 MB (under the 32 MB mmap threshold) the way a backward pass
-# frees its saved activations, twice; report the minor page faults of the second round.
+# frees its saved activations, six times; report the minor page faults of rounds 2 to 6.
 PROBE = """
 import json, resource, sys, torch
 import tta
@@ -26,9 +27,12 @@ def round_trip():
     tensors = [torch.ones(25 * 2**20 // 4) for _ in range(8)]
     del tensors
 round_trip()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-round_trip()
-print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    round_trip()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": applied, "faults": faults}))
 """
 
 
@@ -44,17 +48,19 @@ def test_retained_memory_is_reused_without_page_faults():
     default, retained = _probe("default"), _probe("retain")
     assert default["applied"] is None
     assert retained["applied"] == {"mmap_threshold": 32 * 2**20, "trim_threshold": 2**31 - 1, "top_pad": 64 * 2**20}
-    # 200 MB is ~51,000 pages: glibc's defaults return the freed memory, so they are faulted in again; retained,
-    # the second round reuses the same pages.
-    assert default["faults"] > 25_000
-    assert retained["faults"] < 1_000
+    # 200 MB is ~51,000 pages: glibc's defaults return the freed memory, so the second round faults them in again
+    # (later rounds vary with glibc's adaptive thresholds). Retained, a round reuses the same pages: in one round
+    # of ten or so a single 25 MB tensor (6,400 pages) still lands in fresh pages, never more.
+    assert default["faults"][0] > 25_000
+    assert statistics.median(retained["faults"]) < 1_000
+    assert max(retained["faults"]) <= 6_400 + 1_000
 
 
 @pytest.mark.skipif(not GLIBC_LINUX, reason="glibc malloc settings apply on glibc Linux only")
 def test_tta_malloc_default_turns_it_off():
     probe = _probe("retain", TTA_MALLOC="default")
     assert probe["applied"] is None
-    assert probe["faults"] > 25_000
+    assert probe["faults"][0] > 25_000
 
 
 def test_idempotent_and_reported():
