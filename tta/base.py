@@ -9,14 +9,12 @@ the model exactly as it was given.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from tta.lean_graph import LeanGraph
 from tta.norm_layers import MixedBatchNorm, find_batchnorms, swap_batchnorms, undo_swaps
 from tta.optim import make_optimizer
 from tta.options import GradientOptions, MethodOptions
@@ -186,8 +184,7 @@ class GradientAdapter(BatchNormAdapter):
                                "call it outside (torch.no_grad() around it is fine)")
         with torch.enable_grad():
             for _ in range(self.options.steps):
-                with LeanGraph() if self.options.lean_graph else contextlib.nullcontext():
-                    logits = self.model(x)
+                logits = self.model(x)
                 loss = self.loss(x, logits)
                 if not bool(torch.isfinite(loss)):
                     self.skipped_steps += 1

@@ -39,9 +39,6 @@ class GradientOptions(MethodOptions):
     momentum: float = option(0.9, "SGD momentum (tent, ImageNet: 0.9)")
     nesterov: bool = option(True, "Nesterov momentum for SGD (tent's configuration: True)")
     weight_decay: float = option(0.0, "weight decay (tent: 0)")
-    lean_graph: bool = option(
-        True, "keep only what the affine-parameter gradient needs (frozen convolutions save no input, ReLUs save "
-              "signs): the same gradients with less activation memory (tta/lean_graph.py); off: autograd's default")
 
 
 def options_from_kwargs(options_cls: type, method: str, kwargs: dict[str, Any]) -> Any:
