@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tta.mixed_bn_kernel import (CONDITION_LIMIT, MixedBatchNormFunction, batch_statistics, mixed_batch_norm,
-                                 native_batch_statistics, reference_mixed_batch_norm)
+from tta.mixed_bn_kernel import (CONDITION_LIMIT, MixedBatchNormFunction, _affine_plus_scaled, batch_statistics,
+                                 mixed_batch_norm, native_batch_statistics, reference_mixed_batch_norm)
 
 
 def float64_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,3 +168,23 @@ def test_reduced_precision_statistics_come_from_the_native_kernel(dtype):
     native_mean, native_var = native_batch_statistics(x)
     assert mean.dtype == var.dtype == torch.float32
     assert torch.equal(mean, native_mean) and torch.equal(var, native_var)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_backward_elementwise_part_is_the_per_channel_formula(dtype, channels_last):
+    """``a x + b + s g`` through the eval kernel (mean 0, variance 1, eps 0) and an in-place addcmul: the written-out
+    per-channel formula, in the input's dtype and layout (a float32/64 ulp; bfloat16: its own rounding)."""
+    torch.manual_seed(0)
+    x, g = (torch.randn(5, 3, 4, 6).to(dtype) for _ in range(2))
+    if channels_last:
+        x, g = x.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
+    wide = torch.promote_types(dtype, torch.float32)
+    a, b, s = (torch.randn(3, dtype=wide) for _ in range(3))
+    out = _affine_plus_scaled(x, a, b, g, s)
+    view = (1, 3, 1, 1)
+    expected = a.view(view) * x.to(wide) + b.view(view) + s.view(view) * g.to(wide)
+    assert out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    tolerance = {torch.float32: 1e-6, torch.float64: 1e-14, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(out.to(wide), expected, rtol=tolerance, atol=tolerance * 4)
