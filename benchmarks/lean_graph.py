@@ -134,10 +134,16 @@ def _frozen_convolution(func: Callable, dims: int, args: tuple, kwargs: dict) ->
                                    values["groups"], dims)
 
 
-def _sign_relu(inplace: bool | None, args: tuple, kwargs: dict) -> torch.Tensor | None:
+def _relu_arguments(inplace: bool | None, args: tuple, kwargs: dict) -> tuple[Any, bool]:
+    """(input, inplace) of any of the ReLU spellings in ``_RELUS``."""
     x = args[0] if args else kwargs.get("input")
     if inplace is None:  # F.relu(input, inplace=False)
         inplace = bool(args[1] if len(args) > 1 else kwargs.get("inplace", False))
+    return x, inplace
+
+
+def _sign_relu(inplace: bool | None, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    x, inplace = _relu_arguments(inplace, args, kwargs)
     if not isinstance(x, torch.Tensor) or not x.requires_grad or not x.is_floating_point():
         return None
     if inplace and (x.is_leaf or x._is_view()):
@@ -147,9 +153,7 @@ def _sign_relu(inplace: bool | None, args: tuple, kwargs: dict) -> torch.Tensor 
 
 def _recomputed_relu(inplace: bool | None, args: tuple, kwargs: dict, biases: dict[int, Any]) -> torch.Tensor | None:
     """A ReLU straight after a MixedBatchNorm (alpha = 0, as tent's): saves nothing, recomputes in backward."""
-    y = args[0] if args else kwargs.get("input")
-    if inplace is None:
-        inplace = bool(args[1] if len(args) > 1 else kwargs.get("inplace", False))
+    y, inplace = _relu_arguments(inplace, args, kwargs)
     node = getattr(y, "grad_fn", None)
     if node is None or type(node).__name__ != "MixedBatchNormFunctionBackward" or node.alpha != 0.0:
         return None
