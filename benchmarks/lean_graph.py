@@ -192,11 +192,6 @@ class LeanGraph(TorchFunctionMode):
 MODES = ("default", "lean", "recompute")
 
 
-def _status_mb(key: str) -> float:
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key + ":"))
-    return int(line.split()[1]) / 1024
-
-
 def _saved_mb(model: torch.nn.Module, x: torch.Tensor, graph: Callable) -> float:
     storages: dict[int, int] = {}
 
@@ -213,6 +208,7 @@ def _saved_mb(model: torch.nn.Module, x: torch.Tensor, graph: Callable) -> float
 def measure(mode: str, weights: str | None, batch: int, steps: int) -> dict[str, Any]:
     """One mode in this process: tent's step (forward, entropy, backward) on ResNet-20 at 32 px."""
     import tta
+    from eval.bench import _reset_peak_rss, _status_kb
     from eval.models import load_model
     from tta.cpu_memory import return_free_memory
     from tta.methods.tent import softmax_entropy
@@ -229,17 +225,17 @@ def measure(mode: str, weights: str | None, batch: int, steps: int) -> dict[str,
     for _ in range(steps):
         gc.collect()
         return_free_memory()
-        base = _status_mb("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")
+        base = _status_kb("VmRSS") / 1024
+        _reset_peak_rss()
         start = time.perf_counter()
         with torch.enable_grad():
             with graph():
                 logits = model(x)
-            after_forward = _status_mb("VmRSS") - base
+            after_forward = _status_kb("VmRSS") / 1024 - base
             return_free_memory()
-            live = _status_mb("VmRSS") - base
+            live = _status_kb("VmRSS") / 1024 - base
             softmax_entropy(logits).mean().backward()
-        rows.append((time.perf_counter() - start, after_forward, live, _status_mb("VmHWM") - base))
+        rows.append((time.perf_counter() - start, after_forward, live, _status_kb("VmHWM") / 1024 - base))
         grads = [p.grad.clone() for p in adapted.params]
         adapted.optimizer.zero_grad(set_to_none=True)  # no step: every step sees the same parameters
         del logits

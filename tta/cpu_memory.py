@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 
@@ -36,7 +37,9 @@ TOP_PAD = 64 * 1024 * 1024
 _applied: dict[str, int] | None = None
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """glibc, looked up once (``find_library`` runs ``ldconfig``); None off glibc Linux."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
