@@ -102,6 +102,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         method_options={m: method_options_from_args(args, m) for m in tta.methods()})
 
 
+def _native_note(state: dict | None) -> str:
+    if not state:
+        return "unknown"
+    return "built" if state["available"] else f"not used ({state['detail']})"
+
+
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     try:
@@ -114,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{result['versions']['torch_threads']}, amp {config.amp}, channels_last {config.channels_last}, "
                 f"compile {config.compile}, repeats {config.repeats}, warm-up {config.warmup}, "
                 f"load average {result['machine']['start']['load_average']}, malloc "
-                f"{_malloc_note(result['machine']['start'].get('malloc'))}")
+                f"{_malloc_note(result['machine']['start'].get('malloc'))}, one-pass statistics kernel "
+                f"{_native_note(result['versions'].get('native_statistics'))}")
     print(f"{settings}\n{result['weights']}\n")
     print(format_table(result))
     if args.out:

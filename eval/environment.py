@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from tta import native_moments
+
 
 def versions() -> dict[str, Any]:
     found = {}
@@ -23,4 +25,6 @@ def versions() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # the one-pass CPU statistics kernel: available, or why PyTorch's ops are used instead
+        "native_statistics": native_moments.status(),
     }

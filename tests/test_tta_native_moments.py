@@ -1,0 +1,135 @@
+"""The one-pass C statistics kernel against float64 hand computations, its conditioning flag, its threads, and the
+fallbacks when it cannot be built."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tta import native_moments
+from tta.mixed_bn_kernel import CONDITION_LIMIT, batch_statistics
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                    reason="no C compiler on this machine: the kernel is not built (PyTorch ops used)")
+
+
+def float64_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.double().transpose(0, 1).reshape(x.shape[1], -1)
+    mean = x.mean(1)
+    return mean, ((x - mean[:, None]) ** 2).mean(1)
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """A clean cache directory and a forgotten library, restored afterwards."""
+    monkeypatch.setenv("TTA_CACHE_DIR", str(tmp_path / "cache"))
+    native_moments._load.cache_clear()
+    yield tmp_path
+    native_moments._load.cache_clear()
+
+
+@needs_compiler
+def test_kernel_is_built_where_a_compiler_exists():
+    """CI has a compiler: the fast path must be in use there, not silently replaced by the fallback."""
+    state = native_moments.status()
+    assert state["available"], state["detail"]
+
+
+@needs_compiler
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 9), c=st.integers(1, 7), length=st.sampled_from([16, 17, 511, 512, 513, 1500]),
+       scale=st.floats(0.01, 100.0), shift=st.floats(-10.0, 10.0), seed=st.integers(0, 2 ** 16))
+def test_moments_match_float64(n, c, length, scale, shift, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, length, generator=generator) * scale + shift
+    mean, var, well_conditioned = native_moments.channel_moments(x, CONDITION_LIMIT)
+    ref_mean, ref_var = float64_statistics(x)
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (c,)
+    expected_ok = bool((ref_mean ** 2 <= CONDITION_LIMIT * ref_var).all())
+    if expected_ok:
+        assert well_conditioned
+    if well_conditioned:
+        # float32 rounding of E[x^2] (relative 1e-7) magnified by (1 + mean^2 / var) <= 1 + 1e3
+        torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-6 * scale)
+        torch.testing.assert_close(var.double(), ref_var, rtol=3e-4, atol=1e-6 * scale ** 2)
+
+
+@needs_compiler
+def test_ill_conditioned_and_non_finite_channels_are_flagged():
+    torch.manual_seed(0)
+    good = torch.randn(8, 3, 64)
+    _, _, ok = native_moments.channel_moments(good, CONDITION_LIMIT)
+    assert ok
+    for bad_value in (float("nan"), float("inf"), 1e20):  # 1e20 squared overflows float32
+        x = good.clone()
+        x[2, 1, 5] = bad_value
+        assert not native_moments.channel_moments(x, CONDITION_LIMIT)[2]
+    shifted = good.clone()
+    shifted[:, 2] = shifted[:, 2] * 0.01 + 100.0  # mean^2 / var = 1e8
+    assert not native_moments.channel_moments(shifted, CONDITION_LIMIT)[2]
+    # ... and batch_statistics then answers with the Welford kernel, exactly enough
+    _, var = batch_statistics(shifted.view(8, 3, 8, 8))
+    torch.testing.assert_close(var.double(), float64_statistics(shifted)[1], rtol=1e-3, atol=1e-8)
+
+
+@needs_compiler
+def test_threads_split_channels_with_identical_results(monkeypatch):
+    torch.manual_seed(1)
+    x = torch.randn(16, 10, 64, 64) * 2 + 0.5  # 655,360 elements: several threads' worth
+    one = native_moments.channel_moments(x, CONDITION_LIMIT)
+    monkeypatch.setattr(native_moments, "ELEMENTS_PER_THREAD", 1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        four = native_moments.channel_moments(x, CONDITION_LIMIT)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one[0], four[0]) and torch.equal(one[1], four[1]) and one[2] == four[2]
+
+
+@needs_compiler
+def test_applies_only_to_contiguous_float32_maps_with_long_rows():
+    assert native_moments.applies(torch.zeros(4, 3, 4, 4))
+    assert not native_moments.applies(torch.zeros(4, 3, 3, 3))  # rows of 9 < MIN_ROW_LENGTH
+    assert not native_moments.applies(torch.zeros(4, 3))  # BatchNorm1d on (N, C)
+    assert not native_moments.applies(torch.zeros(4, 3, 4, 4, dtype=torch.float64))
+    assert not native_moments.applies(torch.zeros(4, 3, 4, 4).to(memory_format=torch.channels_last))
+    assert not native_moments.applies(torch.zeros(0, 3, 4, 4))
+    assert native_moments.channel_moments(torch.zeros(4, 3), CONDITION_LIMIT) is None
+
+
+def test_disabled_by_environment_falls_back_to_pytorch(monkeypatch, fresh_build):
+    monkeypatch.setenv("TTA_NATIVE", "0")
+    assert native_moments.status() == {"available": False, "detail": "disabled (TTA_NATIVE=0)"}
+    x = torch.randn(6, 4, 8, 8) * 3 + 1
+    assert native_moments.channel_moments(x, CONDITION_LIMIT) is None
+    mean, var = batch_statistics(x)
+    ref_mean, ref_var = float64_statistics(x)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-6)
+
+
+def test_failed_build_is_reported_and_falls_back(monkeypatch, fresh_build):
+    monkeypatch.setenv("CC", shutil.which("false") or "/bin/false")
+    state = native_moments.status()
+    assert not state["available"] and state["detail"].startswith("build failed")
+    x = torch.randn(6, 4, 8, 8)
+    assert native_moments.channel_moments(x, CONDITION_LIMIT) is None
+    torch.testing.assert_close(batch_statistics(x)[1].double(), float64_statistics(x)[1], rtol=1e-5, atol=1e-6)
+
+
+@needs_compiler
+def test_build_is_cached_and_survives_an_unwritable_cache(monkeypatch, fresh_build):
+    state = native_moments.status()
+    assert state["available"] and state["detail"].startswith(str(fresh_build / "cache"))
+    native_moments._load.cache_clear()
+    assert native_moments.status()["detail"] == state["detail"]  # found, not rebuilt
+    blocker = fresh_build / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("TTA_CACHE_DIR", str(blocker / "cache"))  # a directory below a file cannot be made
+    native_moments._load.cache_clear()
+    state = native_moments.status()
+    assert state["available"] and "tta-native-" in state["detail"]

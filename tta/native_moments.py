@@ -1,0 +1,133 @@
+"""One-pass per-channel batch statistics on CPU from a small C kernel (``tta/csrc/channel_moments.c``).
+
+Why: test-time BN computes a mean and a variance for every BatchNorm layer of every batch, and on CPU that
+statistics pass is memory-bound: PyTorch's eager ops read the activation map twice (a sum and a sum of squares),
+the kernel reads it once. On ResNet-20 at batch 200 (one thread) that is 0.6 ms instead of 1.1 ms for a
+(200, 16, 32, 32) map. The kernel is plain C (no PyTorch headers), so building it takes well under a second; it
+is built with the system's C compiler on first use into a cache directory (``TTA_CACHE_DIR``, else
+``$XDG_CACHE_HOME/tta``, else ``~/.cache/tta``) and loaded with ``ctypes``.
+
+Everything here is optional: without a C compiler, on an unsupported platform, or with ``TTA_NATIVE=0`` in the
+environment, :func:`channel_moments` returns None and :mod:`tta.mixed_bn_kernel` uses PyTorch's ops (same
+values to rounding). :func:`status` says which is in use and why.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "channel_moments.c"
+#: Compiler flags; ``-fopenmp-simd`` only enables the ``omp simd`` pragma (no OpenMP runtime is linked).
+FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fopenmp-simd")
+#: Maps with fewer positions per (sample, channel) row than this use PyTorch's ops (a BatchNorm1d on (N, C) input
+#: has rows of one element, where a per-row loop is slower than a strided reduction).
+MIN_ROW_LENGTH = 16
+#: One thread per this many elements at most (thread start-up costs ~20 us; a thread reads ~5e5 floats per 0.1 ms).
+ELEMENTS_PER_THREAD = 1 << 18
+
+
+def cache_dir() -> Path:
+    """Where the built library is kept: ``TTA_CACHE_DIR``, else ``$XDG_CACHE_HOME/tta``, else ``~/.cache/tta``."""
+    if os.environ.get("TTA_CACHE_DIR"):
+        return Path(os.environ["TTA_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tta"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(compiler: str, target: Path, extra: tuple[str, ...]) -> None:
+    """Compile into a unique temporary file next to ``target`` and rename it in place (atomic: safe when several
+    processes build at once)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"], check=True,
+                       capture_output=True, text=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _library_path(compiler: str, extra: tuple[str, ...]) -> Path:
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS + extra).encode(),
+                                     platform.machine().encode(), sys.platform.encode()])).hexdigest()[:16]
+    return cache_dir() / f"channel_moments-{key}.so"
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """The loaded library and how it was obtained, or None and the reason it is not used."""
+    if os.environ.get("TTA_NATIVE", "1") == "0":
+        return None, "disabled (TTA_NATIVE=0)"
+    if not sys.platform.startswith(("linux", "darwin")):
+        return None, f"not built on {sys.platform}"
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C compiler found (set CC)"
+    errors = []
+    # GCC on x86-64 builds an AVX2 clone next to the generic loop; a compiler that rejects that builds the generic one.
+    for extra in ((), ("-DTTA_NO_TARGET_CLONES",)):
+        path = _library_path(compiler, extra)
+        try:
+            if not path.exists():
+                try:
+                    _build(compiler, path, extra)
+                except OSError:  # cache not writable: build into a per-process temporary directory
+                    path = Path(tempfile.mkdtemp(prefix="tta-native-")) / path.name
+                    _build(compiler, path, extra)
+            lib = ctypes.CDLL(str(path))
+        except (OSError, subprocess.SubprocessError) as error:
+            detail = getattr(error, "stderr", None) or str(error)
+            errors.append(detail.strip().splitlines()[-1] if detail.strip() else type(error).__name__)
+            continue
+        fn = lib.tta_channel_moments_f32
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                       ctypes.c_double, ctypes.c_void_p, ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        return lib, str(path)
+    return None, "build failed: " + "; ".join(errors)
+
+
+def status() -> dict[str, object]:
+    """Whether the one-pass kernel is in use (builds it if needed): ``{"available": bool, "detail": str}``."""
+    lib, detail = _load()
+    return {"available": lib is not None, "detail": detail}
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether :func:`channel_moments` handles ``x``: contiguous float32 on CPU, (N, C, ...) with long enough rows."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 3 and x.is_contiguous()
+            and x.numel() > 0 and x.numel() // (x.shape[0] * x.shape[1]) >= MIN_ROW_LENGTH)
+
+
+def channel_moments(x: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """Per-channel mean and biased variance (float32) of ``x`` in one pass, and whether every channel is well
+    conditioned (finite sums and ``mean^2 <= limit * var``). None when the kernel does not apply or is not built.
+    """
+    if not applies(x):
+        return None
+    lib, _ = _load()
+    if lib is None:
+        return None
+    n, c = x.shape[:2]
+    length = x.numel() // (n * c)
+    threads = max(1, min(torch.get_num_threads(), x.numel() // ELEMENTS_PER_THREAD))
+    out = torch.empty(2, c, dtype=torch.float32)
+    ill_conditioned = lib.tta_channel_moments_f32(x.data_ptr(), n, c, length, threads, limit,
+                                                  out.data_ptr(), out.data_ptr() + 4 * c)
+    return out[0], out[1], not ill_conditioned
