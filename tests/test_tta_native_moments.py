@@ -39,12 +39,16 @@ def test_kernel_is_built_where_a_compiler_exists():
 
 
 @needs_compiler
-@settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 9), c=st.integers(1, 7), length=st.sampled_from([16, 17, 511, 512, 513, 1500]),
-       scale=st.floats(0.01, 100.0), shift=st.floats(-10.0, 10.0), seed=st.integers(0, 2 ** 16))
-def test_moments_match_float64(n, c, length, scale, shift, seed):
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 9), c=st.integers(8, 40), length=st.sampled_from([16, 17, 127, 129, 511, 512, 513, 1500]),
+       channels_last=st.booleans(), scale=st.floats(0.01, 100.0), shift=st.floats(-10.0, 10.0),
+       seed=st.integers(0, 2 ** 16))
+def test_moments_match_float64(n, c, length, channels_last, scale, shift, seed):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, length, generator=generator) * scale + shift
+    if channels_last:  # the same values with the channels innermost in memory
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    assert native_moments.layout(x) == ("channels_last" if channels_last else "rows")
     mean, var, well_conditioned = native_moments.channel_moments(x, CONDITION_LIMIT)
     ref_mean, ref_var = float64_statistics(x)
     assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (c,)
@@ -58,27 +62,47 @@ def test_moments_match_float64(n, c, length, scale, shift, seed):
 
 
 @needs_compiler
-def test_ill_conditioned_and_non_finite_channels_are_flagged():
+@pytest.mark.parametrize("shape", [(64, 10), (5, 12, 1, 1), (3, 16, 4, 5, 6)])
+def test_batchnorm1d_pooled_and_3d_channels_last_maps(shape):
+    torch.manual_seed(2)
+    x = torch.randn(shape) * 2 - 1
+    if len(shape) == 5:
+        x = x.to(memory_format=torch.channels_last_3d)
+    assert native_moments.layout(x) == "channels_last"
+    mean, var, ok = native_moments.channel_moments(x, CONDITION_LIMIT)
+    ref_mean, ref_var = float64_statistics(x)
+    assert ok
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=1e-6)
+
+
+@needs_compiler
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_ill_conditioned_and_non_finite_channels_are_flagged(channels_last):
     torch.manual_seed(0)
-    good = torch.randn(8, 3, 64)
-    _, _, ok = native_moments.channel_moments(good, CONDITION_LIMIT)
+    good = torch.randn(8, 9, 64)
+    prepare = (lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)) if channels_last else (lambda t: t)
+    _, _, ok = native_moments.channel_moments(prepare(good), CONDITION_LIMIT)
     assert ok
     for bad_value in (float("nan"), float("inf"), 1e20):  # 1e20 squared overflows float32
         x = good.clone()
         x[2, 1, 5] = bad_value
-        assert not native_moments.channel_moments(x, CONDITION_LIMIT)[2]
+        assert not native_moments.channel_moments(prepare(x), CONDITION_LIMIT)[2]
     shifted = good.clone()
     shifted[:, 2] = shifted[:, 2] * 0.01 + 100.0  # mean^2 / var = 1e8
-    assert not native_moments.channel_moments(shifted, CONDITION_LIMIT)[2]
+    assert not native_moments.channel_moments(prepare(shifted), CONDITION_LIMIT)[2]
     # ... and batch_statistics then answers with the Welford kernel, exactly enough
-    _, var = batch_statistics(shifted.view(8, 3, 8, 8))
+    _, var = batch_statistics(prepare(shifted).view(8, 9, 8, 8))
     torch.testing.assert_close(var.double(), float64_statistics(shifted)[1], rtol=1e-3, atol=1e-8)
 
 
 @needs_compiler
-def test_threads_split_channels_with_identical_results(monkeypatch):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_threads_split_the_work_with_the_same_results(monkeypatch, channels_last):
     torch.manual_seed(1)
     x = torch.randn(16, 10, 64, 64) * 2 + 0.5  # 655,360 elements: several threads' worth
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
     one = native_moments.channel_moments(x, CONDITION_LIMIT)
     monkeypatch.setattr(native_moments, "ELEMENTS_PER_THREAD", 1)
     previous = torch.get_num_threads()
@@ -87,17 +111,24 @@ def test_threads_split_channels_with_identical_results(monkeypatch):
         four = native_moments.channel_moments(x, CONDITION_LIMIT)
     finally:
         torch.set_num_threads(previous)
-    assert torch.equal(one[0], four[0]) and torch.equal(one[1], four[1]) and one[2] == four[2]
+    if channels_last:  # row ranges per thread: the same sums added in another order
+        torch.testing.assert_close(one[0], four[0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(one[1], four[1], rtol=1e-6, atol=1e-7)
+    else:  # channel ranges per thread: each channel's sums are computed exactly as by one thread
+        assert torch.equal(one[0], four[0]) and torch.equal(one[1], four[1])
+    assert one[2] == four[2]
 
 
-@needs_compiler
-def test_applies_only_to_contiguous_float32_maps_with_long_rows():
-    assert native_moments.applies(torch.zeros(4, 3, 4, 4))
-    assert not native_moments.applies(torch.zeros(4, 3, 3, 3))  # rows of 9 < MIN_ROW_LENGTH
-    assert not native_moments.applies(torch.zeros(4, 3))  # BatchNorm1d on (N, C)
-    assert not native_moments.applies(torch.zeros(4, 3, 4, 4, dtype=torch.float64))
-    assert not native_moments.applies(torch.zeros(4, 3, 4, 4).to(memory_format=torch.channels_last))
-    assert not native_moments.applies(torch.zeros(0, 3, 4, 4))
+def test_layouts_the_kernel_takes():
+    assert native_moments.layout(torch.zeros(4, 3, 4, 4)) == "rows"
+    assert native_moments.layout(torch.zeros(4, 3, 3, 3)) is None  # rows of 9 < MIN_ROW_LENGTH, 3 < MIN_CHANNELS
+    assert native_moments.layout(torch.zeros(4, 8, 3, 3)) is None  # short rows, channels not innermost
+    assert native_moments.layout(torch.zeros(4, 8, 3, 3).to(memory_format=torch.channels_last)) == "channels_last"
+    assert native_moments.layout(torch.zeros(4, 8)) == "channels_last"  # BatchNorm1d on (N, C)
+    assert native_moments.layout(torch.zeros(4, 3)) is None
+    assert native_moments.layout(torch.zeros(4, 3, 4, 4, dtype=torch.float64)) is None
+    assert native_moments.layout(torch.zeros(8, 4, 4, 4).transpose(0, 2)) is None  # neither layout
+    assert native_moments.layout(torch.zeros(0, 3, 4, 4)) is None
     assert native_moments.channel_moments(torch.zeros(4, 3), CONDITION_LIMIT) is None
 
 
