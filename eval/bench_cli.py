@@ -55,23 +55,25 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """The records as a Markdown table, then the goals."""
-    lines = ["| method | images/s | ms/batch (median) | IQR ms | x plain | fwd/bwd per image | peak MB | "
-             "x plain mem | reset ms | reset / batch |", "|---|" + "---:|" * 9]
+    lines = ["| method | images/s | ms/batch (median) | IQR ms | x plain | x plain, paired (IQR) | fwd/bwd per image | "
+             "peak MB | x plain mem | reset ms | reset / batch |", "|---|" + "---:|" * 10]
     for r in result["records"]:
         if r["error"]:
-            lines.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 8)
+            lines.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 9)
             continue
         iqr = "-" if r.get("ms_p25") is None else f"{r['ms_p25']:.1f}-{r['ms_p75']:.1f}"
+        paired = ("-" if r.get("ratio_paired") is None else
+                  f"{r['ratio_paired']:.2f} ({r['ratio_paired_p25']:.2f}-{r['ratio_paired_p75']:.2f})")
         passes = ("-" if r["forward_per_sample"] is None
                   else f"{r['forward_per_sample']:g} / {r['backward_per_sample']:g}")
         lines.append(
             f"| {r['method']} | {_fmt(r['images_per_s'], '.0f')} | {_fmt(r['ms_per_batch'], '.1f')} | {iqr} | "
-            f"{_fmt(r['ratio_to_plain'], '.2f')} | {passes} | {_fmt(r['peak_memory_mb'], '.1f')} | "
+            f"{_fmt(r['ratio_to_plain'], '.2f')} | {paired} | {passes} | {_fmt(r['peak_memory_mb'], '.1f')} | "
             f"{_fmt(r['memory_ratio_to_plain'], '.2f')} | {_fmt(r['reset_ms'], '.3f')} | "
             f"{_fmt(None if r['reset_ratio_to_batch'] is None else 100 * r['reset_ratio_to_batch'], '.2f', ' %')} |")
     goals = result.get("goals") or check_goals(result)
     if goals:
-        lines += ["", "| goal | measured | met |", "|---|---:|---|"]
+        lines += ["", "| goal (time ratios: paired medians) | measured | met |", "|---|---:|---|"]
         for g in goals:
             met = "not measured" if g["met"] is None else ("yes" if g["met"] else "NO")
             lines.append(f"| {g['goal']} | {g['shown']} | {met} |")

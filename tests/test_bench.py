@@ -131,7 +131,9 @@ def test_bench_json_records(tiny_run: tuple[dict, str]) -> None:
         else:
             assert isinstance(r["reset_ms"], float) and r["reset_ratio_to_batch"] == pytest.approx(
                 r["reset_ms"] / r["ms_per_batch"])
-    assert records["plain"]["ratio_to_plain"] == 1.0
+    assert records["plain"]["ratio_to_plain"] == 1.0 and records["plain"]["ratio_paired"] == 1.0
+    tent_rounds = [t / p for t, p in zip(records["tent"]["ms_all"], records["plain"]["ms_all"])]
+    assert records["tent"]["ratio_paired"] == pytest.approx(sum(tent_rounds) / 2)  # median of two rounds
     assert records["tent"]["ratio_to_plain"] == pytest.approx(records["tent"]["ms_per_batch"]
                                                               / records["plain"]["ms_per_batch"])
     assert {n: (r["forward_per_sample"], r["backward_per_sample"]) for n, r in records.items()} == {
@@ -150,6 +152,26 @@ def test_bench_json_metadata(tiny_run: tuple[dict, str]) -> None:
     assert result["machine"]["start"]["cpu_count"] >= 1
     assert "random initialisation" in result["weights"]
     assert {g["goal"] for g in result["goals"]} >= {"norm <= 1.10x plain", "tent <= 2.5x plain"}
+    assert result["versions"]["native_statistics"]["available"] in (True, False)
+
+
+def test_goals_use_paired_ratios() -> None:
+    """Per round: norm / plain = 1.08, 1.25, 1.05 (median 1.08, met); the ratio of the medians, 147 / 120 = 1.225,
+    compares rounds taken at different loads. Speedups likewise: reference / tent per round 2, 1.5, 1.2 -> 1.5."""
+    def record(method: str, kind: str, ms: list[float]) -> dict:
+        median = sorted(ms)[1]
+        return {"method": method, "kind": kind, "ms_all": ms, "ms_per_batch": median, "ratio_to_plain": median / 120,
+                "ratio_paired": None, "memory_ratio_to_plain": None, "reset_ratio_to_batch": None}
+    plain = record("plain", "plain", [100.0, 120.0, 140.0])
+    norm = record("norm", "tta", [108.0, 150.0, 147.0])
+    tent = record("tent", "tta", [250.0, 260.0, 300.0])
+    ref = record("tent (reference)", "reference", [500.0, 390.0, 360.0])
+    for r in (norm, tent):
+        r["ratio_paired"] = sorted(t / p for t, p in zip(r["ms_all"], plain["ms_all"]))[1]
+    goals = {g["goal"]: g for g in bench.check_goals({"records": [plain, norm, tent, ref]})}
+    assert norm["ratio_to_plain"] == pytest.approx(1.225)
+    assert goals["norm <= 1.10x plain"]["value"] == pytest.approx(1.08) and goals["norm <= 1.10x plain"]["met"]
+    assert goals["tent faster than tent (reference): speedup"]["value"] == pytest.approx(1.5)
 
 
 def test_memory_probe_subprocess() -> None:

@@ -1,0 +1,115 @@
+"""Per-channel batch statistics: the one-pass C kernel against PyTorch's ways, alone and inside a model's forward.
+
+    python benchmarks/statistics_kernels.py --weights ../shared/data/models/akamaster-resnet-cifar10/resnet20-12fca82f.th
+
+Part 1 times, on ResNet-20's three map shapes at batch 200 (one thread, median of ``--repeats`` calls on the same
+tensor, so the map is in cache): ``tta.native_moments`` (contiguous and channels_last), the two-pass float32 sums
+that ``tta.mixed_bn_kernel`` falls back to, ``torch.batch_norm_update_stats`` (Welford, both layouts) and
+``torch.var_mean``. Part 2 times the statistics call inside test-time BN's forward on the real model (the map
+was just written by the convolution), per shape and per batch, with the kernel and with ``TTA_NATIVE=0``'s path.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+import tta
+import tta.mixed_bn_kernel as kernel
+from eval.bench import BenchConfig, build_model, make_inputs
+from tta import native_moments
+from tta.cpu_memory import retain_freed_memory
+
+SHAPES = [(200, 16, 32, 32), (200, 32, 16, 16), (200, 64, 8, 8)]
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def two_pass(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernel._sum_statistics(x)
+
+
+def alone(repeats: int) -> None:
+    print("alone (same tensor every call), ms:")
+    print("| shape | C kernel | C kernel, channels_last | two-pass sums | batch_norm_update_stats | "
+          "batch_norm_update_stats, channels_last | var_mean |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for shape in SHAPES:
+        x = torch.randn(shape)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        cells = [median_ms(lambda: native_moments.channel_moments(x, kernel.CONDITION_LIMIT), repeats),
+                 median_ms(lambda: native_moments.channel_moments(x_cl, kernel.CONDITION_LIMIT), repeats),
+                 median_ms(lambda: two_pass(x), repeats),
+                 median_ms(lambda: torch.batch_norm_update_stats(x, None, None, 0.0), repeats),
+                 median_ms(lambda: torch.batch_norm_update_stats(x_cl, None, None, 0.0), repeats),
+                 median_ms(lambda: torch.var_mean(x, dim=(0, 2, 3), correction=0), max(5, repeats // 4))]
+        print(f"| {shape} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+
+
+def in_model(weights: str | None, batches: int) -> None:
+    config = BenchConfig(weights=weights)
+    inputs = make_inputs(config)
+    original = kernel.batch_statistics
+    print("\ninside test-time BN's forward on ResNet-20 (median ms per call; per batch = sum over the 19 layers):")
+    print("| path | " + " | ".join(str(s) for s in SHAPES) + " | per batch |")
+    print("|---|" + "---:|" * (len(SHAPES) + 1))
+    for label, use_kernel in (("C kernel", True), ("two-pass sums (TTA_NATIVE=0's path)", False)):
+        calls: dict[tuple, list[float]] = {}
+
+        def timed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            start = time.perf_counter()
+            if use_kernel:
+                result = original(x)
+            else:
+                mean, var = kernel._sum_statistics(x)
+                ok = bool(torch.all((mean * mean <= kernel.CONDITION_LIMIT * var) & torch.isfinite(var)))
+                result = (mean, var) if ok else kernel.native_batch_statistics(x)
+            calls.setdefault(tuple(x.shape), []).append(time.perf_counter() - start)
+            return result
+
+        model, _ = build_model(config)
+        adapted = tta.adapt(model, "norm")
+        kernel.batch_statistics = timed
+        try:
+            with torch.no_grad():
+                for i in range(batches):
+                    adapted(inputs[i % len(inputs)])
+        finally:
+            kernel.batch_statistics = original
+        medians = {shape: statistics.median(calls[shape]) * 1e3 for shape in SHAPES}
+        per_batch = sum(medians[s] * len(calls[s]) / batches for s in SHAPES)
+        print(f"| {label} | " + " | ".join(f"{medians[s]:.3f}" for s in SHAPES) + f" | {per_batch:.1f} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--batches", type=int, default=20)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    retain_freed_memory()
+    state = native_moments.status()
+    if not state["available"]:
+        print(f"the C kernel is not available: {state['detail']}")
+        return 1
+    print(f"kernel: {state['detail']}; torch {torch.__version__}, 1 thread\n")
+    alone(args.repeats)
+    in_model(args.weights, args.batches)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
