@@ -5,7 +5,7 @@
 Part 1 times, on ResNet-20's three map shapes at batch 200 (one thread, median of ``--repeats`` calls on the same
 tensor, so the map is in cache): ``tta.native_moments`` (contiguous and channels_last), the two-pass float32 sums
 that ``tta.mixed_bn_kernel`` falls back to, ``torch.batch_norm_update_stats`` (Welford, both layouts) and
-``torch.var_mean``. Part 2 times the statistics call inside test-time BN's forward on the real model (the map
+``torch.var_mean``; then bfloat16 maps (autocast's), the C kernel against ``batch_norm_update_stats``. Part 2 times the statistics call inside test-time BN's forward on the real model (the map
 was just written by the convolution), per shape and per batch, with the kernel and with ``TTA_NATIVE=0``'s path.
 """
 from __future__ import annotations
@@ -44,17 +44,21 @@ def two_pass(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def alone(repeats: int) -> None:
     print("alone (same tensor every call), ms:")
     print("| shape | C kernel | C kernel, channels_last | two-pass sums | batch_norm_update_stats | "
-          "batch_norm_update_stats, channels_last | var_mean |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "batch_norm_update_stats, channels_last | var_mean | C kernel, bfloat16 | "
+          "batch_norm_update_stats, bfloat16 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for shape in SHAPES:
         x = torch.randn(shape)
         x_cl = x.contiguous(memory_format=torch.channels_last)
+        x_bf16 = x.bfloat16()
         cells = [median_ms(lambda: native_moments.channel_moments(x, kernel.CONDITION_LIMIT), repeats),
                  median_ms(lambda: native_moments.channel_moments(x_cl, kernel.CONDITION_LIMIT), repeats),
                  median_ms(lambda: two_pass(x), repeats),
                  median_ms(lambda: torch.batch_norm_update_stats(x, None, None, 0.0), repeats),
                  median_ms(lambda: torch.batch_norm_update_stats(x_cl, None, None, 0.0), repeats),
-                 median_ms(lambda: torch.var_mean(x, dim=(0, 2, 3), correction=0), max(5, repeats // 4))]
+                 median_ms(lambda: torch.var_mean(x, dim=(0, 2, 3), correction=0), max(5, repeats // 4)),
+                 median_ms(lambda: native_moments.channel_moments(x_bf16, kernel.CONDITION_LIMIT), repeats),
+                 median_ms(lambda: torch.batch_norm_update_stats(x_bf16, None, None, 0.0), repeats)]
         print(f"| {shape} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
 
 

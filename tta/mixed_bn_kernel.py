@@ -57,13 +57,14 @@ def _sum_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of a (N, C, *) batch (float32 or wider), without gradient.
 
-    On CPU, contiguous float32 maps go to the one-pass C kernel of :mod:`tta.native_moments` when it is built;
-    without it, and for float64, two passes of float32 (or wider) sums; ill-conditioned layers (see
-    ``CONDITION_LIMIT``) to the native kernel. bfloat16/float16 input (autocast) goes to the native kernel: it
-    reads them directly, where the sums would first widen every element (3.5 ms against 0.9 ms at (200, 16, 32, 32), one thread).
+    On CPU, float32 and bfloat16 maps (contiguous or channels-last) go to the one-pass C kernel of
+    :mod:`tta.native_moments` when it is built. Without it, contiguous float32 and float64 maps take two passes of
+    float32 (or wider) sums, and bfloat16/float16 maps (autocast) the native kernel, which reads them directly
+    where the sums would first widen every element (3.5 ms against 0.9 ms at (200, 16, 32, 32), one thread).
+    Ill-conditioned layers (see ``CONDITION_LIMIT``) go to the native kernel.
     """
     moments = native_moments.channel_moments(x, CONDITION_LIMIT)
-    if moments is not None:  # the one-pass C kernel (float32 maps of CPU convolutions)
+    if moments is not None:  # the one-pass C kernel
         mean, var, well_conditioned = moments
         return (mean, var) if well_conditioned else native_batch_statistics(x)
     if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous() and x.dim() >= 2

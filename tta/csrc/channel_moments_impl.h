@@ -1,0 +1,147 @@
+/* The kernels of channel_moments.c for one element type, included once per type with ELEMENT (the C type),
+ * LOAD (reads element k of a row as float) and NAME(base) (appends the type's suffix) defined. */
+
+/* One sample's rows of channels [c0, c1) (contiguous in memory), added to acc[0..width), acc[width..2w). */
+TTA_CLONES
+static void NAME(sample_sums)(const ELEMENT* restrict rows, int64_t width, int64_t len, double* restrict acc) {
+    for (int64_t j = 0; j < width; ++j) {
+        const ELEMENT* p = rows + j * len;
+        double s = 0.0, q = 0.0;
+        for (int64_t k0 = 0; k0 < len; k0 += BLOCK) {
+            int64_t k1 = k0 + BLOCK < len ? k0 + BLOCK : len;
+            float fs = 0.0f, fq = 0.0f;
+#pragma omp simd reduction(+ : fs, fq)
+            for (int64_t k = k0; k < k1; ++k) {
+                float v = LOAD(p, k);
+                fs += v;
+                fq += v * v;
+            }
+            s += fs;
+            q += fq;
+        }
+        acc[j] += s;
+        acc[width + j] += q;
+    }
+}
+
+/* A thread's channels [c0, c1), sample by sample so that memory is read in order (channel by channel, a map
+ * of 64 positions would be 64 elements read every 16 KB, which defeats the prefetcher). */
+static void* NAME(channel_range)(void* arg) {
+    Work* w = (Work*)arg;
+    const ELEMENT* x = (const ELEMENT*)w->x;
+    int64_t width = w->c1 - w->c0;
+    double* acc = (double*)calloc(2 * (size_t)(width > 0 ? width : 1), sizeof(double));
+    w->ill_conditioned = 0;
+    if (!acc) {
+        w->ill_conditioned = -1;
+        return 0;
+    }
+    for (int64_t i = 0; i < w->n; ++i) NAME(sample_sums)(x + (i * w->c + w->c0) * w->len, width, w->len, acc);
+    double count = (double)w->n * (double)w->len;
+    for (int64_t j = w->c0; j < w->c1; ++j)
+        w->ill_conditioned |= finish(acc[j - w->c0], acc[width + j - w->c0], count, w->limit, &w->mean[j],
+                                     &w->var[j]);
+    free(acc);
+    return 0;
+}
+
+/* Threads split the channels. */
+int NAME(tta_channel_moments)(const ELEMENT* x, int64_t n, int64_t c, int64_t len, int64_t threads, double limit,
+                              float* mean, float* var) {
+    Work work[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    threads = clamp_threads(threads, c);
+    for (int64_t t = 0; t < threads; ++t) {
+        Work w = {x, n, c, len, c * t / threads, c * (t + 1) / threads, limit, mean, var, 0};
+        work[t] = w;
+    }
+    for (int64_t t = 1; t < threads; ++t)
+        started[t] = pthread_create(&ids[t], 0, NAME(channel_range), &work[t]) == 0;
+    NAME(channel_range)(&work[0]);
+    int ill_conditioned = 0, out_of_memory = 0;
+    for (int64_t t = 0; t < threads; ++t) {
+        if (t > 0 && started[t]) pthread_join(ids[t], 0);
+        else if (t > 0) NAME(channel_range)(&work[t]); /* thread creation failed: do it here */
+        if (work[t].ill_conditioned < 0) out_of_memory = 1;
+        else ill_conditioned |= work[t].ill_conditioned;
+    }
+    return out_of_memory ? -1 : ill_conditioned;
+}
+
+/* Channels last: rows r0..r1 of C contiguous channels into float32 per-channel sums. */
+TTA_CLONES
+static void NAME(add_rows)(const ELEMENT* restrict x, int64_t c, int64_t r0, int64_t r1, float* restrict fs,
+                           float* restrict fq) {
+    for (int64_t j = 0; j < c; ++j) {
+        fs[j] = 0.0f;
+        fq[j] = 0.0f;
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+        const ELEMENT* p = x + r * c;
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) {
+            float v = LOAD(p, j);
+            fs[j] += v;
+            fq[j] += v * v;
+        }
+    }
+}
+
+/* A thread's rows, in blocks of ROW_BLOCK summed in float32 and accumulated in double. */
+static void* NAME(row_range)(void* arg) {
+    RowWork* w = (RowWork*)arg;
+    for (int64_t j = 0; j < w->c; ++j) {
+        w->sum[j] = 0.0;
+        w->sumsq[j] = 0.0;
+    }
+    for (int64_t b0 = w->r0; b0 < w->r1; b0 += ROW_BLOCK) {
+        int64_t b1 = b0 + ROW_BLOCK < w->r1 ? b0 + ROW_BLOCK : w->r1;
+        NAME(add_rows)((const ELEMENT*)w->x, w->c, b0, b1, w->fs, w->fq);
+        for (int64_t j = 0; j < w->c; ++j) {
+            w->sum[j] += w->fs[j];
+            w->sumsq[j] += w->fq[j];
+        }
+    }
+    return 0;
+}
+
+/* Threads split the rows, each into its own accumulators; the calling thread adds them up. */
+int NAME(tta_channel_moments_cl)(const ELEMENT* x, int64_t rows, int64_t c, int64_t threads, double limit,
+                                 float* mean, float* var) {
+    RowWork work[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    threads = clamp_threads(threads, rows);
+    double* acc = (double*)malloc(sizeof(double) * 2 * c * threads);
+    float* scratch = (float*)malloc(sizeof(float) * 2 * c * threads);
+    if (!acc || !scratch) {
+        free(acc);
+        free(scratch);
+        return -1;
+    }
+    for (int64_t t = 0; t < threads; ++t) {
+        RowWork w = {x, c, rows * t / threads, rows * (t + 1) / threads, acc + 2 * c * t,
+                     acc + 2 * c * t + c, scratch + 2 * c * t, scratch + 2 * c * t + c};
+        work[t] = w;
+    }
+    for (int64_t t = 1; t < threads; ++t)
+        started[t] = pthread_create(&ids[t], 0, NAME(row_range), &work[t]) == 0;
+    NAME(row_range)(&work[0]);
+    for (int64_t t = 1; t < threads; ++t) {
+        if (started[t]) pthread_join(ids[t], 0);
+        else NAME(row_range)(&work[t]);
+    }
+    int ill_conditioned = 0;
+    for (int64_t j = 0; j < c; ++j) {
+        double s = 0.0, q = 0.0;
+        for (int64_t t = 0; t < threads; ++t) {
+            s += work[t].sum[j];
+            q += work[t].sumsq[j];
+        }
+        ill_conditioned |= finish(s, q, (double)rows, limit, &mean[j], &var[j]);
+    }
+    free(acc);
+    free(scratch);
+    return ill_conditioned;
+}
