@@ -31,7 +31,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="tta", description="Test-time adaptation and continual-learning runtime.",
         epilog="Environment: TTA_MALLOC=default keeps glibc's own malloc thresholds (by default the tta commands make "
                "malloc keep freed memory, which saves gradient methods ~26,000 page faults per batch on CPU: "
-               "tta/cpu_memory.py). TTA_DEBUG=1 shows tracebacks.")
+               "tta/cpu_memory.py). TTA_NATIVE=0 uses PyTorch's ops instead of the one-pass C statistics kernel, which "
+               "is built with the system's C compiler on first use into TTA_CACHE_DIR (default ~/.cache/tta). "
+               "TTA_DEBUG=1 shows tracebacks.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)

@@ -64,6 +64,7 @@ class BenchmarkConfig:
     guard_min_entropy: float = 0.3
     baseline: str | None = None  # a results.jsonl whose 'source' rows are the mCE baseline
     progress: bool = True
+    prefetch: int = 2  # batches made ahead in a background thread (0: in the loop); results do not depend on it
     deterministic: bool = False  # recorded only: eval.determinism.enable_deterministic is process-wide
 
 
@@ -203,7 +204,7 @@ def run_benchmark(config: BenchmarkConfig, model: nn.Module | None = None) -> di
                 make_adapter=lambda m=method, o=options, g=guard: tta.CollapseGuard(tta.adapt(make_model(), m, **o),
                                                                                     **g)))
     run_methods(runs, stream, log, context=context, checkpoint_dir=out / "checkpoints", device=config.device,
-                progress=config.progress)
+                progress=config.progress, prefetch=config.prefetch)
     records = log.read()
     tables = write_report(records, out, title=f"{config.model} on {Path(config.data).name}")
     if config.baseline:

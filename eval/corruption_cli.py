@@ -50,6 +50,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guard-min-entropy", type=float, default=0.3,
                         help="reset when the predicted-class histogram's normalised entropy falls below this")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--prefetch", type=int, default=2,
+                        help="batches made (decoded, corrupted) ahead in a background thread while the methods adapt "
+                             "(default 2; 0: in the loop). Results do not depend on it")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
     parser.add_argument("--deterministic", action="store_true",
@@ -81,8 +84,8 @@ def config_from_args(args: argparse.Namespace, **overrides) -> BenchmarkConfig:
         corruptions=getattr(args, "corruptions", "all"), severity=getattr(args, "severity", 5),
         protocol=args.protocol, delta=args.delta, batch_size=args.batch_size, n_images=args.n_images, seed=args.seed,
         device=args.device, source_split=args.source_split, source_images=args.source_images,
-        baseline=getattr(args, "baseline", None), progress=not args.no_progress, guard=args.collapse_guard,
-        guard_window=args.guard_window, guard_min_entropy=args.guard_min_entropy,
+        baseline=getattr(args, "baseline", None), progress=not args.no_progress, prefetch=args.prefetch,
+        guard=args.collapse_guard, guard_window=args.guard_window, guard_min_entropy=args.guard_min_entropy,
         deterministic=getattr(args, "deterministic", False), **overrides)
 
 

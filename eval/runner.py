@@ -7,6 +7,7 @@ checkpoint is missing, the chain is replayed silently from its last reset (resul
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from eval.metrics import CalibrationBins, online_error_curve
 from eval.records import ResultsLog, remove_with_temporaries, replace_atomically
+from streams.prefetch import prefetch
 from tta.base import Adapted
 
 
@@ -70,19 +72,25 @@ class _SegmentResult:
         self.domain_count.index_add_(0, domain_index, torch.ones_like(domain_index))
 
 
-def _batches(stream, segment: int, progress: str | None) -> Iterator:
-    batches: Iterator = stream.batches(segment)
+def _pinned(batch):
+    """The batch with its images in page-locked memory (CUDA copies from there can be asynchronous)."""
+    return dataclasses.replace(batch, x=batch.x.pin_memory())
+
+
+def _batches(stream, segment: int, progress: str | None, prefetch_depth: int = 0, pin: bool = False) -> Iterator:
+    batches: Iterator = prefetch(stream.batches(segment), prefetch_depth, _pinned if pin else None)
     if progress is not None:
         batches = tqdm(batches, total=stream.num_batches(segment), desc=progress, leave=False, unit="batch")
     return batches
 
 
 def _run_segment(adapters: dict[str, Adapted], stream, segment: int, device: torch.device,
-                 progress: str | None) -> dict[str, tuple[_SegmentResult, float]]:
-    """Feed every batch of the segment to every adapter (each batch is produced, i.e. corrupted, once)."""
+                 progress: str | None, prefetch_depth: int = 0) -> dict[str, tuple[_SegmentResult, float]]:
+    """Feed every batch of the segment to every adapter (each batch is produced, i.e. corrupted, once, up to
+    ``prefetch_depth`` batches ahead in a background thread)."""
     results = {label: _SegmentResult(len(stream.domains)) for label in adapters}
     seconds = dict.fromkeys(adapters, 0.0)
-    for batch in _batches(stream, segment, progress):
+    for batch in _batches(stream, segment, progress, prefetch_depth, pin=device.type == "cuda"):
         x = batch.x.to(device, non_blocking=True)
         for label, adapter in adapters.items():
             start = time.perf_counter()
@@ -95,8 +103,10 @@ def _run_segment(adapters: dict[str, Adapted], stream, segment: int, device: tor
 
 
 def run_methods(runs: list[MethodRun], stream, log: ResultsLog, *, context: dict[str, Any], checkpoint_dir: Path,
-                device: torch.device | str = "cpu", progress: bool = True) -> list[dict[str, Any]]:
+                device: torch.device | str = "cpu", progress: bool = True, prefetch: int = 2) -> list[dict[str, Any]]:
     """Evaluate several methods side by side over every segment; returns the records written now.
+
+    ``prefetch``: batches made ahead in a background thread (0: made in the loop); the results do not depend on it.
 
     Segment by segment, every method that has not finished the segment gets the same batches. Before a segment
     that continues a chain (no reset), a method's adapter must hold its state after the previous segment: it
@@ -124,11 +134,11 @@ def run_methods(runs: list[MethodRun], stream, log: ResultsLog, *, context: dict
                 adapter.reset()  # replay the chain from its last reset, recording nothing
                 for replay in range(chain_start, s):
                     _run_segment({label: adapter}, stream, replay, device,
-                                 f"{label} {segments[replay].name} (replay)" if progress else None)
+                                 f"{label} {segments[replay].name} (replay)" if progress else None, prefetch)
         if not active:
             continue
         results = _run_segment(active, stream, s, device, f"{segment.name} [{s + 1}/{len(segments)}]"
-                               if progress else None)
+                               if progress else None, prefetch)
         for label, (result, seconds) in results.items():
             position[label] = s
             if s + 1 < len(segments) and not segments[s + 1].reset_before:
