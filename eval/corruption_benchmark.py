@@ -64,7 +64,7 @@ class BenchmarkConfig:
     guard_min_entropy: float = 0.3
     baseline: str | None = None  # a results.jsonl whose 'source' rows are the mCE baseline
     progress: bool = True
-    prefetch: int = 2  # batches made ahead in a background thread (0: in the loop); results do not depend on it
+    prefetch: int | None = None  # batches made ahead in a thread (0: in the loop; None: 2 on CUDA, 0 on CPU)
     deterministic: bool = False  # recorded only: eval.determinism.enable_deterministic is process-wide
 
 

@@ -50,9 +50,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guard-min-entropy", type=float, default=0.3,
                         help="reset when the predicted-class histogram's normalised entropy falls below this")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--prefetch", type=int, default=2,
-                        help="batches made (decoded, corrupted) ahead in a background thread while the methods adapt "
-                             "(default 2; 0: in the loop). Results do not depend on it")
+    parser.add_argument("--prefetch", type=int, default=None,
+                        help="batches made (decoded, corrupted) ahead in a background thread while the methods adapt; "
+                             "0: in the loop (default: 2 on CUDA, 0 on CPU, where making a CIFAR batch is a few "
+                             "percent of adapting on it). Results do not depend on it")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
     parser.add_argument("--deterministic", action="store_true",

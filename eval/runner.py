@@ -103,16 +103,21 @@ def _run_segment(adapters: dict[str, Adapted], stream, segment: int, device: tor
 
 
 def run_methods(runs: list[MethodRun], stream, log: ResultsLog, *, context: dict[str, Any], checkpoint_dir: Path,
-                device: torch.device | str = "cpu", progress: bool = True, prefetch: int = 2) -> list[dict[str, Any]]:
+                device: torch.device | str = "cpu", progress: bool = True,
+                prefetch: int | None = None) -> list[dict[str, Any]]:
     """Evaluate several methods side by side over every segment; returns the records written now.
 
-    ``prefetch``: batches made ahead in a background thread (0: made in the loop); the results do not depend on it.
+    ``prefetch``: batches made ahead in a background thread (0: made in the loop; None: 2 on CUDA, where the CPU is
+    otherwise idle while the GPU adapts, 0 on CPU, where the thread would compete with the model's own threads).
+    The results do not depend on it.
 
     Segment by segment, every method that has not finished the segment gets the same batches. Before a segment
     that continues a chain (no reset), a method's adapter must hold its state after the previous segment: it
     does when it ran that segment in this process; otherwise its checkpoint is loaded, or the chain is replayed.
     """
     device = torch.device(device)
+    if prefetch is None:
+        prefetch = 2 if device.type == "cuda" else 0
     timings = ResultsLog(log.path.with_name("timings.jsonl"))
     done = {(r["method"], r["segment"]) for r in log.read() if r.get("protocol") == context.get("protocol")}
     segments = stream.segments

@@ -11,7 +11,7 @@ import torch
 from eval.records import ResultsLog
 from eval.runner import _pinned, run_methods
 from streams.prefetch import prefetch
-from tests.test_eval_runner import _errors, _runs, _stream
+from tests.test_eval_runner import _errors, _Interrupt, _InterruptingStream, _runs, _stream
 
 
 def _prefetch_threads() -> list[threading.Thread]:
@@ -87,6 +87,22 @@ def test_runner_results_do_not_depend_on_prefetch(tmp_path):
         results[depth] = _errors(path)
     assert results[0] == results[3] and len(results[0]) == 9
     assert not _prefetch_threads()
+
+
+def test_a_run_interrupted_in_the_producer_resumes_to_identical_results(tmp_path):
+    """The stream fails while the thread makes batch 10: the batches before it are adapted on and recorded as in a
+    loop without the thread, and the rerun completes to the same results."""
+    def run(stream, path):
+        return run_methods(_runs(), stream, ResultsLog(path / "results.jsonl"), context={"protocol": "continual"},
+                           checkpoint_dir=path / "ckpt", progress=False, prefetch=2)
+
+    run(_stream("continual"), tmp_path / "reference")
+    with pytest.raises(_Interrupt):
+        run(_InterruptingStream(_stream("continual"), 10), tmp_path / "interrupted")
+    assert len(ResultsLog(tmp_path / "interrupted" / "results.jsonl").read()) == 3  # the first segment of 6 batches
+    assert not _prefetch_threads()
+    run(_stream("continual"), tmp_path / "interrupted")
+    assert _errors(tmp_path / "interrupted") == _errors(tmp_path / "reference")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
