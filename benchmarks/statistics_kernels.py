@@ -5,7 +5,8 @@
 Part 1 times, on ResNet-20's three map shapes at batch 200 (one thread, median of ``--repeats`` calls on the same
 tensor, so the map is in cache): ``tta.native_moments`` (contiguous and channels_last), the two-pass float32 sums
 that ``tta.mixed_bn_kernel`` falls back to, ``torch.batch_norm_update_stats`` (Welford, both layouts) and
-``torch.var_mean``; then bfloat16 maps (autocast's), the C kernel against ``batch_norm_update_stats``. Part 2 times the statistics call inside test-time BN's forward on the real model (the map
+``torch.var_mean``; then bfloat16 maps (autocast's), the C kernel against ``batch_norm_update_stats``; then both
+element types over growing row lengths (where the kernel starts to pay, ``native_moments.MIN_ROW_LENGTH``). Part 2 times the statistics call inside test-time BN's forward on the real model (the map
 was just written by the convolution), per shape and per batch, with the kernel and with ``TTA_NATIVE=0``'s path.
 """
 from __future__ import annotations
@@ -57,9 +58,31 @@ def alone(repeats: int) -> None:
                  median_ms(lambda: torch.batch_norm_update_stats(x, None, None, 0.0), repeats),
                  median_ms(lambda: torch.batch_norm_update_stats(x_cl, None, None, 0.0), repeats),
                  median_ms(lambda: torch.var_mean(x, dim=(0, 2, 3), correction=0), max(5, repeats // 4)),
-                 median_ms(lambda: native_moments.channel_moments(x_bf16, kernel.CONDITION_LIMIT), repeats),
+                 (median_ms(lambda: native_moments.channel_moments(x_bf16, kernel.CONDITION_LIMIT), repeats)
+                  if native_moments.layout(x_bf16) is not None else None),  # short bfloat16 rows: PyTorch's
                  median_ms(lambda: torch.batch_norm_update_stats(x_bf16, None, None, 0.0), repeats)]
-        print(f"| {shape} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        print(f"| {shape} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+
+
+def row_lengths(repeats: int) -> None:
+    """Where the kernel pays for contiguous maps: (200, 64, L) for growing rows L, both element types."""
+    print("\nrow length L of a contiguous (200, 64, L) map, ms (the kernel timed at every L, also below "
+          f"MIN_ROW_LENGTH = {({str(k).replace('torch.', ''): v for k, v in native_moments.MIN_ROW_LENGTH.items()})}):")
+    print("| L | C kernel, float32 | batch_norm_update_stats, float32 | C kernel, bfloat16 | "
+          "batch_norm_update_stats, bfloat16 |")
+    print("|---:|---:|---:|---:|---:|")
+    thresholds = native_moments.MIN_ROW_LENGTH
+    native_moments.MIN_ROW_LENGTH = dict.fromkeys(thresholds, 1)
+    try:
+        for length in (16, 32, 64, 128, 256):
+            x = torch.randn(200, 64, length)
+            cells = []
+            for t in (x, x.bfloat16()):
+                cells.append(median_ms(lambda: native_moments.channel_moments(t, kernel.CONDITION_LIMIT), repeats))
+                cells.append(median_ms(lambda: torch.batch_norm_update_stats(t, None, None, 0.0), repeats))
+            print(f"| {length} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    finally:
+        native_moments.MIN_ROW_LENGTH = thresholds
 
 
 def in_model(weights: str | None, batches: int) -> None:
@@ -111,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"kernel: {state['detail']}; torch {torch.__version__}, 1 thread\n")
     alone(args.repeats)
+    row_lengths(args.repeats)
     in_model(args.weights, args.batches)
     return 0
 
