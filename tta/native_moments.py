@@ -35,9 +35,9 @@ SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 #: Compiler flags; ``-fopenmp-simd`` only enables the ``omp simd`` pragma (no OpenMP runtime is linked).
 FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fopenmp-simd")
 #: Contiguous maps with fewer positions per (sample, channel) row than this are left to PyTorch (a per-row loop over
-#: a few elements is slow; for bfloat16, ``batch_norm_update_stats`` is faster up to rows of 64: 0.19 against 0.23 ms
-#: at (200, 64, 64), while at 128 the kernel takes 0.35 ms against 0.88); channels-last maps with fewer channels than
-#: ``MIN_CHANNELS`` likewise.
+#: a few elements is slow; for bfloat16, ``batch_norm_update_stats`` is faster up to rows of 64: 0.20 against 0.24 ms
+#: at (200, 64, 64), while at 128 the kernel takes 0.32 ms against 0.80; ``benchmarks/statistics_kernels.py``);
+#: channels-last maps with fewer channels than ``MIN_CHANNELS`` likewise.
 MIN_ROW_LENGTH = {torch.float32: 16, torch.bfloat16: 128}
 MIN_CHANNELS = 8
 #: One thread per this many elements at most (thread start-up costs ~20 us; a thread reads ~5e5 floats per 0.1 ms).
@@ -78,6 +78,17 @@ def _library_path(compiler: str, extra: tuple[str, ...]) -> Path:
     return cache_dir() / f"channel_moments-{key}.so"
 
 
+def _declare(lib: ctypes.CDLL) -> None:
+    """The entry points' argument and result types (``ctypes`` would otherwise pass 64-bit sizes as int)."""
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for suffix in SUFFIXES.values():
+        rows = getattr(lib, f"tta_channel_moments_{suffix}")
+        channels_last = getattr(lib, f"tta_channel_moments_cl_{suffix}")
+        rows.argtypes = [ptr, i64, i64, i64, i64, ctypes.c_double, ptr, ptr]
+        channels_last.argtypes = [ptr, i64, i64, i64, ctypes.c_double, ptr, ptr]
+        rows.restype = channels_last.restype = ctypes.c_int
+
+
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
     """The loaded library and how it was obtained, or None and the reason it is not used."""
@@ -100,17 +111,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
                     path = Path(tempfile.mkdtemp(prefix="tta-native-")) / path.name
                     _build(compiler, path, extra)
             lib = ctypes.CDLL(str(path))
-        except (OSError, subprocess.SubprocessError) as error:
+            _declare(lib)
+        except (OSError, AttributeError, subprocess.SubprocessError) as error:  # AttributeError: a symbol missing
             detail = getattr(error, "stderr", None) or str(error)
             errors.append(detail.strip().splitlines()[-1] if detail.strip() else type(error).__name__)
             continue
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        for suffix in SUFFIXES.values():
-            rows = getattr(lib, f"tta_channel_moments_{suffix}")
-            channels_last = getattr(lib, f"tta_channel_moments_cl_{suffix}")
-            rows.argtypes = [ptr, i64, i64, i64, i64, ctypes.c_double, ptr, ptr]
-            channels_last.argtypes = [ptr, i64, i64, i64, ctypes.c_double, ptr, ptr]
-            rows.restype = channels_last.restype = ctypes.c_int
         return lib, str(path)
     return None, "build failed: " + "; ".join(errors)
 
