@@ -6,12 +6,14 @@ Part 1 times, on ResNet-20's three map shapes at batch 200 (one thread, median o
 tensor, so the map is in cache): ``tta.native_moments`` (contiguous and channels_last), the two-pass float32 sums
 that ``tta.mixed_bn_kernel`` falls back to, ``torch.batch_norm_update_stats`` (Welford, both layouts) and
 ``torch.var_mean``; then bfloat16 maps (autocast's), the C kernel against ``batch_norm_update_stats``; then both
-element types over growing row lengths (where the kernel starts to pay, ``native_moments.MIN_ROW_LENGTH``). Part 2 times the statistics call inside test-time BN's forward on the real model (the map
+element types over growing row lengths (where the kernel starts to pay, ``native_moments.MIN_ROW_LENGTH``); then
+the stage-1 map with one thread and with one per CPU. Part 2 times the statistics call inside test-time BN's forward on the real model (the map
 was just written by the convolution), per shape and per batch, with the kernel and with ``TTA_NATIVE=0``'s path.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Callable
@@ -81,6 +83,23 @@ def row_lengths(repeats: int) -> None:
         native_moments.MIN_ROW_LENGTH = thresholds
 
 
+def threads(repeats: int) -> None:
+    """The stage-1 map with 1 and with all of torch's threads (the kernel splits the work in PyTorch's OpenMP pool)."""
+    most = os.cpu_count() or 1
+    print("\nthreads (torch.set_num_threads), (200, 16, 32, 32), ms:")
+    print("| threads | C kernel | C kernel, channels_last | two-pass sums |")
+    print("|---:|---:|---:|---:|")
+    x = torch.randn(SHAPES[0])
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    for count in sorted({1, most}):
+        torch.set_num_threads(count)
+        cells = [median_ms(lambda: native_moments.channel_moments(x, kernel.CONDITION_LIMIT), repeats),
+                 median_ms(lambda: native_moments.channel_moments(x_cl, kernel.CONDITION_LIMIT), repeats),
+                 median_ms(lambda: kernel._sum_statistics(x), repeats)]
+        print(f"| {count} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    torch.set_num_threads(1)
+
+
 def in_model(weights: str | None, batches: int) -> None:
     config = BenchConfig(weights=weights)
     inputs = make_inputs(config)
@@ -129,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kernel: {state['detail']}; torch {torch.__version__}, 1 thread\n")
     alone(args.repeats)
     row_lengths(args.repeats)
+    threads(args.repeats)
     in_model(args.weights, args.batches)
     return 0
 

@@ -190,13 +190,13 @@ def test_build_is_cached_and_survives_an_unwritable_cache(monkeypatch, fresh_bui
 def test_a_cached_library_without_the_entry_points_is_not_used(fresh_build, tmp_path):
     """A stale or foreign file at the cache path (here a library with other symbols) is skipped, not called."""
     compiler = native_moments._compiler()
-    stale = native_moments._library_path(compiler, ())
+    stale = native_moments._library_path(compiler, native_moments.VARIANTS[0])
     stale.parent.mkdir(parents=True)
     source = tmp_path / "other.c"
     source.write_text("int something_else(void) { return 1; }\n")
     subprocess.run([compiler, "-shared", "-fPIC", str(source), "-o", str(stale)], check=True)
     state = native_moments.status()
-    generic = native_moments._library_path(compiler, ("-DTTA_NO_TARGET_CLONES",))
+    generic = native_moments._library_path(compiler, native_moments.VARIANTS[1])
     assert state["available"] and state["detail"] == str(generic)
     x = torch.randn(4, 3, 8, 8)
     mean, var, ok = native_moments.channel_moments(x, CONDITION_LIMIT)

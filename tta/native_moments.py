@@ -32,15 +32,18 @@ SOURCE = Path(__file__).with_name("csrc") / "channel_moments.c"
 SOURCES = (SOURCE, SOURCE.with_name("channel_moments_impl.h"))
 #: Element types the kernel reads, with the suffix of their entry points.
 SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
-#: Compiler flags; ``-fopenmp-simd`` only enables the ``omp simd`` pragma (no OpenMP runtime is linked).
-FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-fopenmp-simd")
+#: Compiler flags; ``-fopenmp-simd`` enables the ``omp simd`` pragmas even where no OpenMP runtime is linked.
+FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp-simd")
+#: Build variants, tried in order: OpenMP threads (sharing PyTorch's libgomp) and GCC's AVX2 clones on x86-64; a
+#: compiler that rejects one gets the next (one thread without OpenMP, e.g. Apple's clang).
+VARIANTS = (("-fopenmp",), ("-fopenmp", "-DTTA_NO_TARGET_CLONES"), (), ("-DTTA_NO_TARGET_CLONES",))
 #: Contiguous maps with fewer positions per (sample, channel) row than this are left to PyTorch (a per-row loop over
 #: a few elements is slow; for bfloat16, ``batch_norm_update_stats`` is faster up to rows of 64: 0.20 against 0.24 ms
 #: at (200, 64, 64), while at 128 the kernel takes 0.32 ms against 0.80; ``benchmarks/statistics_kernels.py``);
 #: channels-last maps with fewer channels than ``MIN_CHANNELS`` likewise.
 MIN_ROW_LENGTH = {torch.float32: 16, torch.bfloat16: 128}
 MIN_CHANNELS = 8
-#: One thread per this many elements at most (thread start-up costs ~20 us; a thread reads ~5e5 floats per 0.1 ms).
+#: One thread per this many elements at most (a thread reads ~5e5 floats per 0.1 ms; waking one costs microseconds).
 ELEMENTS_PER_THREAD = 1 << 18
 
 
@@ -100,8 +103,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if compiler is None:
         return None, "no C compiler found (set CC)"
     errors = []
-    # GCC on x86-64 builds an AVX2 clone next to the generic loop; a compiler that rejects that builds the generic one.
-    for extra in ((), ("-DTTA_NO_TARGET_CLONES",)):
+    for extra in VARIANTS:
         path = _library_path(compiler, extra)
         try:
             if not path.exists():

@@ -7,22 +7,26 @@
  * memory-bound, so one pass halves it. Built and loaded by tta/native_moments.py (plain C, no PyTorch headers);
  * when it cannot be built the library uses the PyTorch ops instead.
  *
+ * Threads: built with -fopenmp, the work is split with OpenMP, and the library then binds to the libgomp that
+ * PyTorch has already loaded (same soname), so it shares PyTorch's thread pool. Separate pthreads were tried
+ * first: PyTorch's idle OpenMP workers spin for a while after each operator and took the cores from them (two
+ * threads were no faster than one). Built without OpenMP, the pragmas are ignored and one thread does the work.
+ *
  * Precision: elements are widened to float32 (exact for bfloat16), blocks of BLOCK elements of a row (or ROW_BLOCK
  * rows, channels last) are summed in float32 (vectorised), blocks are accumulated in double, and the mean and
  * variance are formed in double: the variance's relative error is about 1e-6 * (1 + mean^2 / var) at most
  * (float32 rounding of the sum of squares, magnified by the cancellation; summing in double throughout was 1.6x
- * slower at (200, 16, 32, 32)). A channel whose
- * squared mean exceeds `limit` times its variance (where E[x^2] - E[x]^2 loses digits) or whose sums are not
- * finite makes the call return 1: the caller then uses batch_norm's Welford kernel for the layer. Returns 0 when
- * every channel is well conditioned, -1 when out of memory (the caller then uses PyTorch's ops).
+ * slower at (200, 16, 32, 32)). A channel whose squared mean exceeds `limit` times its variance (where
+ * E[x^2] - E[x]^2 loses digits) or whose sums are not finite makes the call return 1: the caller then uses
+ * batch_norm's Welford kernel for the layer. Returns 0 when every channel is well conditioned, -1 when out of
+ * memory (the caller then uses PyTorch's ops).
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 
 #define BLOCK 128
-#define ROW_BLOCK 16
+#define ROW_BLOCK 64
 #define MAX_THREADS 64
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(TTA_NO_TARGET_CLONES)

@@ -26,15 +26,14 @@ static void NAME(sample_sums)(const ELEMENT* restrict rows, int64_t width, int64
 
 /* A thread's channels [c0, c1), sample by sample so that memory is read in order (channel by channel, a map
  * of 64 positions would be 64 elements read every 16 KB, which defeats the prefetcher). */
-static void* NAME(channel_range)(void* arg) {
-    Work* w = (Work*)arg;
+static void NAME(channel_range)(Work* w) {
     const ELEMENT* x = (const ELEMENT*)w->x;
     int64_t width = w->c1 - w->c0;
     double* acc = (double*)calloc(2 * (size_t)(width > 0 ? width : 1), sizeof(double));
     w->ill_conditioned = 0;
     if (!acc) {
         w->ill_conditioned = -1;
-        return 0;
+        return;
     }
     for (int64_t i = 0; i < w->n; ++i) NAME(sample_sums)(x + (i * w->c + w->c0) * w->len, width, w->len, acc);
     double count = (double)w->n * (double)w->len;
@@ -42,29 +41,19 @@ static void* NAME(channel_range)(void* arg) {
         w->ill_conditioned |= finish(acc[j - w->c0], acc[width + j - w->c0], count, w->limit, &w->mean[j],
                                      &w->var[j]);
     free(acc);
-    return 0;
 }
 
 /* Threads split the channels. */
 int NAME(tta_channel_moments)(const ELEMENT* x, int64_t n, int64_t c, int64_t len, int64_t threads, double limit,
                               float* mean, float* var) {
-    Work work[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
+    int ill_conditioned = 0, out_of_memory = 0;
     threads = clamp_threads(threads, c);
+#pragma omp parallel for num_threads(threads) schedule(static, 1) reduction(| : ill_conditioned, out_of_memory)
     for (int64_t t = 0; t < threads; ++t) {
         Work w = {x, n, c, len, c * t / threads, c * (t + 1) / threads, limit, mean, var, 0};
-        work[t] = w;
-    }
-    for (int64_t t = 1; t < threads; ++t)
-        started[t] = pthread_create(&ids[t], 0, NAME(channel_range), &work[t]) == 0;
-    NAME(channel_range)(&work[0]);
-    int ill_conditioned = 0, out_of_memory = 0;
-    for (int64_t t = 0; t < threads; ++t) {
-        if (t > 0 && started[t]) pthread_join(ids[t], 0);
-        else if (t > 0) NAME(channel_range)(&work[t]); /* thread creation failed: do it here */
-        if (work[t].ill_conditioned < 0) out_of_memory = 1;
-        else ill_conditioned |= work[t].ill_conditioned;
+        NAME(channel_range)(&w);
+        if (w.ill_conditioned < 0) out_of_memory = 1;
+        else ill_conditioned |= w.ill_conditioned;
     }
     return out_of_memory ? -1 : ill_conditioned;
 }
@@ -88,9 +77,10 @@ static void NAME(add_rows)(const ELEMENT* restrict x, int64_t c, int64_t r0, int
     }
 }
 
+
+
 /* A thread's rows, in blocks of ROW_BLOCK summed in float32 and accumulated in double. */
-static void* NAME(row_range)(void* arg) {
-    RowWork* w = (RowWork*)arg;
+static void NAME(row_range)(RowWork* w) {
     for (int64_t j = 0; j < w->c; ++j) {
         w->sum[j] = 0.0;
         w->sumsq[j] = 0.0;
@@ -103,15 +93,12 @@ static void* NAME(row_range)(void* arg) {
             w->sumsq[j] += w->fq[j];
         }
     }
-    return 0;
 }
 
 /* Threads split the rows, each into its own accumulators; the calling thread adds them up. */
 int NAME(tta_channel_moments_cl)(const ELEMENT* x, int64_t rows, int64_t c, int64_t threads, double limit,
                                  float* mean, float* var) {
     RowWork work[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     threads = clamp_threads(threads, rows);
     double* acc = (double*)malloc(sizeof(double) * 2 * c * threads);
     float* scratch = (float*)malloc(sizeof(float) * 2 * c * threads);
@@ -125,13 +112,8 @@ int NAME(tta_channel_moments_cl)(const ELEMENT* x, int64_t rows, int64_t c, int6
                      acc + 2 * c * t + c, scratch + 2 * c * t, scratch + 2 * c * t + c};
         work[t] = w;
     }
-    for (int64_t t = 1; t < threads; ++t)
-        started[t] = pthread_create(&ids[t], 0, NAME(row_range), &work[t]) == 0;
-    NAME(row_range)(&work[0]);
-    for (int64_t t = 1; t < threads; ++t) {
-        if (started[t]) pthread_join(ids[t], 0);
-        else NAME(row_range)(&work[t]);
-    }
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int64_t t = 0; t < threads; ++t) NAME(row_range)(&work[t]);
     int ill_conditioned = 0;
     for (int64_t j = 0; j < c; ++j) {
         double s = 0.0, q = 0.0;
