@@ -68,7 +68,6 @@ typedef struct {
     const void* x;
     int64_t c, r0, r1;
     double *sum, *sumsq; /* c doubles each, owned by the caller */
-    float *fs, *fq;      /* c floats each of scratch */
 } RowWork;
 
 static int64_t clamp_threads(int64_t threads, int64_t most) {

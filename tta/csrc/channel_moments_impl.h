@@ -58,12 +58,12 @@ int NAME(tta_channel_moments)(const ELEMENT* x, int64_t n, int64_t c, int64_t le
     return out_of_memory ? -1 : ill_conditioned;
 }
 
-/* Channels last: rows r0..r1 of C contiguous channels into float32 per-channel sums. */
+/* Channels last: rows r0..r1 (at most ROW_BLOCK) of C contiguous channels, summed in float32 and added to the
+ * per-channel double sums. 16 channels at a time, in local accumulators the compiler keeps in registers (arrays
+ * of runtime length would be loaded and stored again for every row). */
 TTA_CLONES
-static void NAME(add_rows)(const ELEMENT* restrict x, int64_t c, int64_t r0, int64_t r1, float* restrict fs,
-                           float* restrict fq) {
-    /* 16 channels at a time, in local accumulators the compiler keeps in registers (arrays of runtime length
-     * would be loaded and stored again for every row). */
+static void NAME(add_rows)(const ELEMENT* restrict x, int64_t c, int64_t r0, int64_t r1, double* restrict sum,
+                           double* restrict sumsq) {
     int64_t j0 = 0;
     for (; j0 + 16 <= c; j0 += 16) {
         float s[16] = {0.0f}, q[16] = {0.0f};
@@ -77,24 +77,23 @@ static void NAME(add_rows)(const ELEMENT* restrict x, int64_t c, int64_t r0, int
             }
         }
         for (int64_t j = 0; j < 16; ++j) {
-            fs[j0 + j] = s[j];
-            fq[j0 + j] = q[j];
+            sum[j0 + j] += s[j];
+            sumsq[j0 + j] += q[j];
         }
     }
-    for (int64_t j = j0; j < c; ++j) {  /* the remaining channels (fewer than 16) */
+    for (int64_t j = j0; j < c; ++j) { /* the remaining channels (fewer than 16) */
         float s = 0.0f, q = 0.0f;
         for (int64_t r = r0; r < r1; ++r) {
             float v = LOAD(x + r * c, j);
             s += v;
             q += v * v;
         }
-        fs[j] = s;
-        fq[j] = q;
+        sum[j] += s;
+        sumsq[j] += q;
     }
 }
 
-
-/* A thread's rows, in blocks of ROW_BLOCK summed in float32 and accumulated in double. */
+/* A thread's rows, in blocks of ROW_BLOCK. */
 static void NAME(row_range)(RowWork* w) {
     for (int64_t j = 0; j < w->c; ++j) {
         w->sum[j] = 0.0;
@@ -102,11 +101,7 @@ static void NAME(row_range)(RowWork* w) {
     }
     for (int64_t b0 = w->r0; b0 < w->r1; b0 += ROW_BLOCK) {
         int64_t b1 = b0 + ROW_BLOCK < w->r1 ? b0 + ROW_BLOCK : w->r1;
-        NAME(add_rows)((const ELEMENT*)w->x, w->c, b0, b1, w->fs, w->fq);
-        for (int64_t j = 0; j < w->c; ++j) {
-            w->sum[j] += w->fs[j];
-            w->sumsq[j] += w->fq[j];
-        }
+        NAME(add_rows)((const ELEMENT*)w->x, w->c, b0, b1, w->sum, w->sumsq);
     }
 }
 
@@ -115,19 +110,14 @@ int NAME(tta_channel_moments_cl)(const ELEMENT* x, int64_t rows, int64_t c, int6
                                  float* mean, float* var) {
     RowWork work[MAX_THREADS];
     threads = clamp_threads(threads, rows);
-    /* Each accumulator array starts on its own cache line (64 bytes): every row updates a thread's float sums, and
-     * two threads writing one line (false sharing) made two threads 3x slower than one. */
-    int64_t stride = (c + 15) / 16 * 16;
+    /* Each thread's sums start on their own cache lines (64 bytes): two threads writing one line (false sharing)
+     * made two threads 3x slower than one. */
+    int64_t stride = (c + 7) / 8 * 8;
     double* acc = (double*)aligned_alloc(64, sizeof(double) * 2 * stride * threads);
-    float* scratch = (float*)aligned_alloc(64, sizeof(float) * 2 * stride * threads);
-    if (!acc || !scratch) {
-        free(acc);
-        free(scratch);
-        return -1;
-    }
+    if (!acc) return -1;
     for (int64_t t = 0; t < threads; ++t) {
         RowWork w = {x, c, rows * t / threads, rows * (t + 1) / threads, acc + 2 * stride * t,
-                     acc + 2 * stride * t + stride, scratch + 2 * stride * t, scratch + 2 * stride * t + stride};
+                     acc + 2 * stride * t + stride};
         work[t] = w;
     }
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
@@ -142,6 +132,5 @@ int NAME(tta_channel_moments_cl)(const ELEMENT* x, int64_t rows, int64_t c, int6
         ill_conditioned |= finish(s, q, (double)rows, limit, &mean[j], &var[j]);
     }
     free(acc);
-    free(scratch);
     return ill_conditioned;
 }
