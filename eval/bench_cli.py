@@ -56,10 +56,11 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 def format_table(result: dict[str, Any]) -> str:
     """The records as a Markdown table, then the goals."""
     lines = ["| method | images/s | ms/batch (median) | IQR ms | x plain | x plain, paired (IQR) | fwd/bwd per image | "
-             "peak MB | x plain mem | reset ms | reset / batch |", "|---|" + "---:|" * 10]
+             "peak MB | x plain mem | tensor MB | x plain tensors | reset ms | reset / batch |",
+             "|---|" + "---:|" * 12]
     for r in result["records"]:
         if r["error"]:
-            lines.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 9)
+            lines.append(f"| {r['method']} | failed: {r['error']} |" + " |" * 11)
             continue
         iqr = "-" if r.get("ms_p25") is None else f"{r['ms_p25']:.1f}-{r['ms_p75']:.1f}"
         paired = ("-" if r.get("ratio_paired") is None else
@@ -69,7 +70,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['method']} | {_fmt(r['images_per_s'], '.0f')} | {_fmt(r['ms_per_batch'], '.1f')} | {iqr} | "
             f"{_fmt(r['ratio_to_plain'], '.2f')} | {paired} | {passes} | {_fmt(r['peak_memory_mb'], '.1f')} | "
-            f"{_fmt(r['memory_ratio_to_plain'], '.2f')} | {_fmt(r['reset_ms'], '.3f')} | "
+            f"{_fmt(r['memory_ratio_to_plain'], '.2f')} | {_fmt(r.get('peak_tensor_mb'), '.1f')} | "
+            f"{_fmt(r.get('tensor_ratio_to_plain'), '.2f')} | {_fmt(r['reset_ms'], '.3f')} | "
             f"{_fmt(None if r['reset_ratio_to_batch'] is None else 100 * r['reset_ratio_to_batch'], '.2f', ' %')} |")
     goals = result.get("goals") or check_goals(result)
     if goals:

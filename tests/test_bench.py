@@ -141,6 +141,9 @@ def test_bench_json_records(tiny_run: tuple[dict, str]) -> None:
         "tent": (1, 1), "norm (reference)": (1, 0), "tent (reference)": (1, 1)}
     # batch 8 of ResNet-20: tent keeps every activation for the backward pass, plain inference does not
     assert records["tent"]["peak_memory_mb"] > records["plain"]["peak_memory_mb"] >= 0
+    assert records["tent"]["peak_tensor_mb"] > records["plain"]["peak_tensor_mb"] > 0
+    for r in records.values():
+        assert r["tensor_ratio_to_plain"] == pytest.approx(r["peak_tensor_mb"] / records["plain"]["peak_tensor_mb"])
 
 
 def test_bench_json_metadata(tiny_run: tuple[dict, str]) -> None:
@@ -179,6 +182,26 @@ def test_memory_probe_subprocess() -> None:
     measured = bench.probe_memory(config, "tent")
     assert measured["memory_method"].startswith("peak RSS"), measured
     assert 0 < measured["peak_memory_mb"] < 500
+    assert 0 < measured["peak_tensor_mb"] < measured["peak_memory_mb"] + measured["baseline_mb"]
+
+
+def test_peak_tensor_bytes_follows_allocations_and_frees_in_order() -> None:
+    """4000 bytes, then 8000 more while they live (peak 12000), both freed, then 2000: the peak is 12000."""
+    def run() -> None:
+        a = torch.empty(1000)
+        b = torch.empty(2000)
+        del a, b
+        torch.empty(500)
+    assert bench.peak_tensor_bytes(run) == 12000
+
+
+def test_the_lean_graph_lowers_tent_s_tensor_peak() -> None:
+    """ResNet-20 at batch 16: autograd keeps two maps per convolution unit, the lean graph one and a bit mask."""
+    lean = bench.measure_row_tensors(BenchConfig(batch_size=16, warmup=1, threads=1), "tent")["peak_tensor_mb"]
+    options = {"tent": {"lean_graph": False}}
+    full = bench.measure_row_tensors(BenchConfig(batch_size=16, warmup=1, threads=1, method_options=options),
+                                     "tent")["peak_tensor_mb"]
+    assert lean < 0.75 * full
 
 
 # -- small pieces and errors ----------------------------------------------------------------------------------------

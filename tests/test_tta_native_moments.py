@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tta import native_moments
+from tta import native, native_moments
 from tta.mixed_bn_kernel import CONDITION_LIMIT, batch_statistics
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -27,9 +27,9 @@ def float64_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def fresh_build(monkeypatch, tmp_path):
     """A clean cache directory and a forgotten library, restored afterwards."""
     monkeypatch.setenv("TTA_CACHE_DIR", str(tmp_path / "cache"))
-    native_moments._load.cache_clear()
+    native._load.cache_clear()
     yield tmp_path
-    native_moments._load.cache_clear()
+    native._load.cache_clear()
 
 
 @needs_compiler
@@ -176,12 +176,12 @@ def test_failed_build_is_reported_and_falls_back(monkeypatch, fresh_build):
 def test_build_is_cached_and_survives_an_unwritable_cache(monkeypatch, fresh_build):
     state = native_moments.status()
     assert state["available"] and state["detail"].startswith(str(fresh_build / "cache"))
-    native_moments._load.cache_clear()
+    native._load.cache_clear()
     assert native_moments.status()["detail"] == state["detail"]  # found, not rebuilt
     blocker = fresh_build / "a_file"
     blocker.write_text("")
     monkeypatch.setenv("TTA_CACHE_DIR", str(blocker / "cache"))  # a directory below a file cannot be made
-    native_moments._load.cache_clear()
+    native._load.cache_clear()
     state = native_moments.status()
     assert state["available"] and "tta-native-" in state["detail"]
 
@@ -189,14 +189,14 @@ def test_build_is_cached_and_survives_an_unwritable_cache(monkeypatch, fresh_bui
 @needs_compiler
 def test_a_cached_library_without_the_entry_points_is_not_used(fresh_build, tmp_path):
     """A stale or foreign file at the cache path (here a library with other symbols) is skipped, not called."""
-    compiler = native_moments._compiler()
-    stale = native_moments._library_path(compiler, native_moments.VARIANTS[0])
+    compiler = native._compiler()
+    stale = native._library_path(compiler, native.VARIANTS[0])
     stale.parent.mkdir(parents=True)
     source = tmp_path / "other.c"
     source.write_text("int something_else(void) { return 1; }\n")
     subprocess.run([compiler, "-shared", "-fPIC", str(source), "-o", str(stale)], check=True)
     state = native_moments.status()
-    generic = native_moments._library_path(compiler, native_moments.VARIANTS[1])
+    generic = native._library_path(compiler, native.VARIANTS[1])
     assert state["available"] and state["detail"] == str(generic)
     x = torch.randn(4, 3, 8, 8)
     mean, var, ok = native_moments.channel_moments(x, CONDITION_LIMIT)

@@ -9,12 +9,14 @@ the model exactly as it was given.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from tta.lean_graph import LeanGraph
 from tta.norm_layers import MixedBatchNorm, find_batchnorms, swap_batchnorms, undo_swaps
 from tta.optim import make_optimizer
 from tta.options import GradientOptions, MethodOptions
@@ -152,6 +154,8 @@ class GradientAdapter(BatchNormAdapter):
     Every other parameter gets ``requires_grad=False`` while adapted (no weight gradients are computed for it,
     and it never changes); ``release()`` restores the flags. Each step: forward, loss, backward, optimizer step;
     the logits returned are those of the last forward, computed before its update (as tent does).
+    With ``lean_graph`` (the default) the forward pass runs under :class:`tta.lean_graph.LeanGraph`, which keeps
+    fewer activations for the backward pass and gives the same gradients.
     A step whose loss is not finite (e.g. from inputs so large that the network overflows) is skipped, so one bad
     batch cannot poison the parameters; ``skipped_steps`` counts them.
     """
@@ -184,8 +188,9 @@ class GradientAdapter(BatchNormAdapter):
                                "call it outside (torch.no_grad() around it is fine)")
         with torch.enable_grad():
             for _ in range(self.options.steps):
-                logits = self.model(x)
-                loss = self.loss(x, logits)
+                with LeanGraph() if self.options.lean_graph else contextlib.nullcontext():
+                    logits = self.model(x)
+                    loss = self.loss(x, logits)
                 if not bool(torch.isfinite(loss)):
                     self.skipped_steps += 1
                     break

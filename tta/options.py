@@ -39,6 +39,9 @@ class GradientOptions(MethodOptions):
     momentum: float = option(0.9, "SGD momentum (tent, ImageNet: 0.9)")
     nesterov: bool = option(True, "Nesterov momentum for SGD (tent's configuration: True)")
     weight_decay: float = option(0.0, "weight decay (tent: 0)")
+    lean_graph: bool = option(
+        True, "record frozen convolutions and ReLUs without their activations (same gradients bit for bit, fewer "
+              "bytes kept for the backward pass; see tta.lean_graph)")
 
 
 def options_from_kwargs(options_cls: type, method: str, kwargs: dict[str, Any]) -> Any:

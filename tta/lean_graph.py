@@ -1,0 +1,146 @@
+"""A leaner autograd graph for gradient methods that train only normalisation parameters (tent, core, cafa).
+
+Why: the peak memory of a gradient step is the activations autograd keeps for the backward pass. In a ResNet
+adapted by tent, each convolution-BatchNorm-ReLU unit keeps two activation maps: the BatchNorm's input, and the
+ReLU's output, which is also the next convolution's saved input. Only the first is needed to compute exact
+gradients for the BatchNorm parameters:
+
+- a convolution whose weight and bias get no gradient needs only its weight to pass the gradient to its input
+  (``convolution_backward`` with only the input's gradient asked, as ``torch.nn.grad.conv2d_input`` does);
+- a ReLU needs only where its output is positive, which :mod:`tta.native_relu` keeps as one bit per element.
+
+Inside ``with lean_graph():`` (a ``TorchFunctionMode``) frozen convolutions and float32 ReLUs are recorded that
+way; every other operation is recorded as usual. The gradients are the same, bit for bit, as autograd's
+(``tests/test_tta_lean_graph.py``); ResNet-20 at batch 200 saves 155 MB instead of 289 MB
+(``benchmarks/lean_graph.py``, docs/performance.md).
+
+Not applied (the operation is recorded as usual): a convolution whose weight or bias is trained, string padding,
+autocast (its bfloat16 casts), a ReLU on a leaf or a view, in place; non-float32 ReLUs; ``torch.compile`` (it
+plans its own graph); and ReLUs where the C kernels are not built (``TTA_NATIVE=0``, no compiler), in which case
+only the convolutions are lean, which saves nothing where the ReLU keeps the same map.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+from torch.overrides import TorchFunctionMode
+
+from tta import native_relu
+
+#: The convolutions the mode records, with their number of spatial dimensions.
+CONVOLUTIONS: dict[Callable, int] = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+#: The spellings of ReLU the mode records: True in place, False not, None ``F.relu``'s ``inplace`` argument.
+RELUS: dict[Callable, bool | None] = {F.relu: None, torch.relu: False, torch.Tensor.relu: False, torch.relu_: True,
+                                      torch.Tensor.relu_: True}
+
+
+def _expand(value: Any, dims: int) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value)] * dims
+
+
+class FrozenConvolution(torch.autograd.Function):
+    """A convolution whose weight and bias get no gradient: saves the weight and the input's shape only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, dims):  # type: ignore[override]
+        ctx.save_for_backward(weight)
+        ctx.input_shape = x.shape
+        ctx.layout = native_relu.dense_layout(x) or torch.contiguous_format
+        ctx.arguments = (_expand(stride, dims), _expand(padding, dims), _expand(dilation, dims), [0] * dims, groups)
+        return CONVOLUTION_BY_DIMS[dims](x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        stride, padding, dilation, output_padding, groups = ctx.arguments
+        if ctx.layout is not torch.contiguous_format:  # choose the kernel's layout as the real input would
+            grad = grad.contiguous(memory_format=ctx.layout)
+        # When only the input's gradient is asked, the input is consulted for its shape, strides and dtype (which
+        # choose the kernel) but never read. A zero-stride stand-in (as torch.nn.grad.conv2d_input passes) is
+        # made contiguous by oneDNN's path first, a full copy; so pass a tensor laid out as the input was: the
+        # gradient itself where it has that shape, else uninitialised memory (allocated, never touched).
+        if grad.shape == ctx.input_shape:
+            stand_in = grad
+        else:
+            stand_in = torch.empty(ctx.input_shape, dtype=grad.dtype, memory_format=ctx.layout)
+        grad_input = torch.ops.aten.convolution_backward(
+            grad, stand_in, weight, None, stride, padding, dilation, False, output_padding, groups,
+            (True, False, False))[0]
+        if not grad_input.is_contiguous(memory_format=ctx.layout):
+            grad_input = grad_input.contiguous(memory_format=ctx.layout)
+        return grad_input, None, None, None, None, None, None, None
+
+
+CONVOLUTION_BY_DIMS: dict[int, Callable] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class BitMaskReLU(torch.autograd.Function):
+    """ReLU that saves one bit per element (where it passed its input) instead of its float output."""
+
+    @staticmethod
+    def forward(ctx, x, inplace):  # type: ignore[override]
+        out, bits = native_relu.relu_with_bits(x, inplace)
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.save_for_backward(bits)
+        ctx.shape, ctx.stride = out.shape, out.stride()
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        (bits,) = ctx.saved_tensors
+        return native_relu.relu_grad_from_bits(grad, bits, ctx.shape, ctx.stride), None
+
+
+def _frozen_convolution(dims: int, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    values: dict[str, Any] = dict(zip(names, (None, None, None, 1, 0, 1, 1)))
+    values.update(zip(names, args))
+    values.update(kwargs)
+    x, weight, bias = values["input"], values["weight"], values["bias"]
+    if (not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or not x.requires_grad
+            or weight.requires_grad or (isinstance(bias, torch.Tensor) and bias.requires_grad)
+            or isinstance(values["padding"], str) or torch.is_autocast_enabled(x.device.type)
+            or native_relu.dense_layout(x) is None):
+        return None
+    return FrozenConvolution.apply(x, weight, bias, values["stride"], values["padding"], values["dilation"],
+                                   values["groups"], dims)
+
+
+def _bit_mask_relu(inplace: bool | None, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    x = args[0] if args else kwargs.get("input")
+    if inplace is None:  # F.relu(input, inplace=False)
+        inplace = bool(args[1] if len(args) > 1 else kwargs.get("inplace", False))
+    if not isinstance(x, torch.Tensor) or not x.requires_grad or not native_relu.applies(x):
+        return None
+    if inplace and (x.is_leaf or x._is_view()):
+        return None
+    return BitMaskReLU.apply(x, inplace)
+
+
+class LeanGraph(TorchFunctionMode):
+    """``with LeanGraph(): loss = objective(model(x))``: frozen convolutions and ReLUs save only what their input
+    gradient needs. Active only while gradients are recorded."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        # Called for every torch function in the forward pass: the common case (not ours) returns at once.
+        kind = _HANDLED.get(func)
+        if kind is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            result = (_frozen_convolution(CONVOLUTIONS[func], args, kwargs or {}) if kind == "convolution"
+                      else _bit_mask_relu(RELUS[func], args, kwargs or {}))
+            if result is not None:
+                return result
+        return func(*args, **(kwargs or {}))
+
+
+_HANDLED: dict[Callable, str] = {**{f: "convolution" for f in CONVOLUTIONS}, **{f: "relu" for f in RELUS}}
+
+
+def lean_graph() -> LeanGraph:
+    """The mode as a context manager (see :class:`LeanGraph`)."""
+    return LeanGraph()

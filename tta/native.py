@@ -1,0 +1,128 @@
+"""Build and load the library of small C kernels in ``tta/csrc`` (plain C, no PyTorch headers), once per machine.
+
+What is in it: the one-pass per-channel statistics of :mod:`tta.native_moments` (test-time BN's statistics pass)
+and the bit-mask ReLU of :mod:`tta.native_relu` (the lean autograd graph of :mod:`tta.lean_graph`). Both are
+memory-bound passes that PyTorch's eager CPU ops do in two passes or with wider masks.
+
+The library is built with the system's C compiler on first use (0.1-0.5 s) into a cache directory
+(``TTA_CACHE_DIR``, else ``$XDG_CACHE_HOME/tta``, else ``~/.cache/tta``), keyed by a hash of its sources, compiler
+and flags, and loaded with ``ctypes``. Everything here is optional: without a C compiler, on an unsupported
+platform, or with ``TTA_NATIVE=0`` in the environment, :func:`library` returns None and the callers use PyTorch's
+ops instead. :func:`status` says which is in use and why.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CSRC = Path(__file__).with_name("csrc")
+#: The translation units compiled into the one library.
+SOURCES = (CSRC / "channel_moments.c", CSRC / "relu_mask.c")
+#: Every file the build reads (the hash of the cached library covers them all).
+INPUTS = (*SOURCES, CSRC / "channel_moments_impl.h")
+#: Compiler flags; ``-fopenmp-simd`` enables the ``omp simd`` pragmas even where no OpenMP runtime is linked.
+FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp-simd")
+#: Build variants, tried in order: OpenMP threads (sharing PyTorch's libgomp) and GCC's AVX2 clones on x86-64; a
+#: compiler that rejects one gets the next (one thread without OpenMP, e.g. Apple's clang).
+VARIANTS = (("-fopenmp",), ("-fopenmp", "-DTTA_NO_TARGET_CLONES"), (), ("-DTTA_NO_TARGET_CLONES",))
+
+def cache_dir() -> Path:
+    """Where the built library is kept: ``TTA_CACHE_DIR``, else ``$XDG_CACHE_HOME/tta``, else ``~/.cache/tta``."""
+    if os.environ.get("TTA_CACHE_DIR"):
+        return Path(os.environ["TTA_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tta"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(compiler: str, target: Path, extra: tuple[str, ...]) -> None:
+    """Compile into a unique temporary file next to ``target`` and rename it in place (atomic: safe when several
+    processes build at once)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, *extra, *map(str, SOURCES), "-o", tmp, "-lm"], check=True,
+                       capture_output=True, text=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _library_path(compiler: str, extra: tuple[str, ...]) -> Path:
+    parts = [*(path.read_bytes() for path in INPUTS), compiler.encode(), " ".join(FLAGS + extra).encode(),
+             platform.machine().encode(), sys.platform.encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    return cache_dir() / f"tta-kernels-{key}.so"
+
+
+def _signatures() -> dict[str, tuple[list[type], type | None]]:
+    """Every entry point with its argument and result types (``ctypes`` would otherwise pass 64-bit sizes as int)."""
+    i64, ptr, double, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
+    signatures: dict[str, tuple[list[type], type | None]] = {}
+    for suffix in ("f32", "bf16"):
+        signatures[f"tta_channel_moments_{suffix}"] = ([ptr, i64, i64, i64, i64, double, ptr, ptr], c_int)
+        signatures[f"tta_channel_moments_cl_{suffix}"] = ([ptr, i64, i64, i64, double, ptr, ptr], c_int)
+    signatures["tta_relu_bits_f32"] = ([ptr, ptr, ptr, i64, i64], None)
+    signatures["tta_relu_grad_f32"] = ([ptr, ptr, ptr, i64, i64], None)
+    return signatures
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """Declare every entry point's types; a missing one raises AttributeError (a stale or foreign library)."""
+    for name, (argtypes, restype) in _signatures().items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, restype
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """The loaded library and how it was obtained, or None and the reason it is not used."""
+    if os.environ.get("TTA_NATIVE", "1") == "0":
+        return None, "disabled (TTA_NATIVE=0)"
+    if not sys.platform.startswith(("linux", "darwin")):
+        return None, f"not built on {sys.platform}"
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C compiler found (set CC)"
+    errors = []
+    for extra in VARIANTS:
+        path = _library_path(compiler, extra)
+        try:
+            if not path.exists():
+                try:
+                    _build(compiler, path, extra)
+                except OSError:  # cache not writable: build into a per-process temporary directory
+                    path = Path(tempfile.mkdtemp(prefix="tta-native-")) / path.name
+                    _build(compiler, path, extra)
+            lib = ctypes.CDLL(str(path))
+            _declare(lib)
+        except (OSError, AttributeError, subprocess.SubprocessError) as error:  # AttributeError: a symbol missing
+            detail = getattr(error, "stderr", None) or str(error)
+            errors.append(detail.strip().splitlines()[-1] if detail.strip() else type(error).__name__)
+            continue
+        return lib, str(path)
+    return None, "build failed: " + "; ".join(errors)
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels (built on first use), or None where they are not available (see :func:`status`)."""
+    return _load()[0]
+
+
+def status() -> dict[str, object]:
+    """Whether the C kernels are in use (builds them if needed): ``{"available": bool, "detail": str}``."""
+    lib, detail = _load()
+    return {"available": lib is not None, "detail": detail}
