@@ -59,7 +59,7 @@ def measure(mode: str, weights: str | None, batch: int, steps: int) -> dict[str,
     torch.set_num_threads(1)
     model = load_model("cifar10_resnet20", weights)
     x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    adapted = tta.adapt(model, "tent", lean_graph=False)  # the graph is chosen here, around the forward
+    adapted = tta.adapt(model, "tent", lean_graph="off")  # the graph is chosen here, around the forward
     graph = LeanGraph if mode == "lean" else contextlib.nullcontext
     saved = _saved_mb(model, x, graph)
 

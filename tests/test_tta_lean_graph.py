@@ -155,8 +155,8 @@ def test_tent_step_is_bitwise_the_same_with_the_lean_graph(inplace, layout):
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     if layout == "channels_last":
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    lean = adapted_step(model, x, lean_graph=True)
-    plain = adapted_step(model, x, lean_graph=False)
+    lean = adapted_step(model, x, lean_graph="on")
+    plain = adapted_step(model, x, lean_graph="off")
     assert torch.equal(lean[0], plain[0])
     for a, b in zip(lean[1] + lean[2], plain[1] + plain[2]):
         assert torch.equal(a, b)
@@ -172,8 +172,8 @@ def test_other_gradient_methods_are_bitwise_the_same(method):
         g = torch.Generator().manual_seed(6)
         labelled = [(torch.randn(10, 3, 16, 16, generator=g), torch.arange(10) % 5) for _ in range(2)]
         options["source_stats"] = tta.source_stats(model, labelled)
-    lean = adapted_step(model, x, method, lean_graph=True, **options)
-    plain = adapted_step(model, x, method, lean_graph=False, **options)
+    lean = adapted_step(model, x, method, lean_graph="on", **options)
+    plain = adapted_step(model, x, method, lean_graph="off", **options)
     for a, b in zip([lean[0], *lean[1], *lean[2]], [plain[0], *plain[1], *plain[2]]):
         assert torch.equal(a, b)
 
@@ -182,15 +182,15 @@ def test_other_gradient_methods_are_bitwise_the_same(method):
 def test_frozen_convolutions_of_other_dimensions_give_autograd_s_gradient(dims):
     model = small_net(dims=dims)
     x = torch.randn(4, 3, *([8] * dims), generator=torch.Generator().manual_seed(5))
-    lean = adapted_step(model, x, lean_graph=True)
-    plain = adapted_step(model, x, lean_graph=False)
+    lean = adapted_step(model, x, lean_graph="on")
+    plain = adapted_step(model, x, lean_graph="off")
     for a, b in zip(lean[1], plain[1]):
         assert torch.equal(a, b)
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor, lean: bool) -> dict[int, int]:
     """Storages saved for the backward pass of tent's loss: {data pointer: bytes}, parameters excluded."""
-    adapted = tta.adapt(copy.deepcopy(model), "tent", lean_graph=lean)
+    adapted = tta.adapt(copy.deepcopy(model), "tent", lean_graph="on" if lean else "off")
     parameters = {p.untyped_storage().data_ptr() for p in adapted.model.parameters()}
     saved: dict[int, int] = {}
 
@@ -243,5 +243,28 @@ def test_without_the_c_kernels_the_relus_keep_autograd_s_node(monkeypatch):
         assert type(F.relu(x * 1).grad_fn).__name__ == "ReluBackward0"
     model = small_net()
     batch = torch.randn(4, 3, 16, 16)
-    for a, b in zip(adapted_step(model, batch, lean_graph=True)[1], adapted_step(model, batch, lean_graph=False)[1]):
+    for a, b in zip(adapted_step(model, batch, lean_graph="on")[1], adapted_step(model, batch, lean_graph="off")[1]):
         assert torch.equal(a, b)
+
+
+def test_boolean_masks_where_the_bit_kernels_do_not_run(monkeypatch):
+    """The GPU path (boolean masks), run here on CPU: the same step bit for bit, and 8 bits saved per element."""
+    monkeypatch.setattr(native, "library", lambda: None)
+    monkeypatch.setattr("tta.lean_graph.BOOLEAN_MASK_DEVICES", frozenset({"cpu"}))
+    model = small_net(inplace=True)
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    lean, plain = adapted_step(model, x, lean_graph="on"), adapted_step(model, x, lean_graph="off")
+    for a, b in zip([lean[0], *lean[1], *lean[2]], [plain[0], *plain[1], *plain[2]]):
+        assert torch.equal(a, b)
+    full_map = 6 * 4 * 8 * 8 * 4
+    saved = sorted(b for b in saved_bytes(model, x, True).values() if b >= full_map // 4)
+    assert saved == sorted([full_map] * 5 + [full_map // 4] * 5)
+
+
+def test_auto_means_on_for_cpu_batches_and_a_bad_value_is_refused():
+    adapted = tta.adapt(small_net(), "tent")
+    assert adapted.options.lean_graph == "auto"
+    assert adapted._lean_graph(torch.zeros(1)) and not adapted._lean_graph(torch.zeros(1, device="meta"))
+    assert not tta.adapt(small_net(), "tent", lean_graph="off")._lean_graph(torch.zeros(1))
+    with pytest.raises(ValueError, match="lean_graph must be 'auto', 'on' or 'off'"):
+        tta.adapt(small_net(), "tent", lean_graph=True)

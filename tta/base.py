@@ -154,8 +154,8 @@ class GradientAdapter(BatchNormAdapter):
     Every other parameter gets ``requires_grad=False`` while adapted (no weight gradients are computed for it,
     and it never changes); ``release()`` restores the flags. Each step: forward, loss, backward, optimizer step;
     the logits returned are those of the last forward, computed before its update (as tent does).
-    With ``lean_graph`` (the default) the forward pass runs under :class:`tta.lean_graph.LeanGraph`, which keeps
-    fewer activations for the backward pass and gives the same gradients.
+    With ``lean_graph`` on (the default on CPU) the forward pass runs under :class:`tta.lean_graph.LeanGraph`, which
+    keeps fewer activations for the backward pass and gives the same gradients.
     A step whose loss is not finite (e.g. from inputs so large that the network overflows) is skipped, so one bad
     batch cannot poison the parameters; ``skipped_steps`` counts them.
     """
@@ -174,6 +174,8 @@ class GradientAdapter(BatchNormAdapter):
         for p in self.params:
             p.requires_grad_(True)
         self.optimizer = make_optimizer(self.params, self.options)
+        if self.options.lean_graph not in ("auto", "on", "off"):
+            raise ValueError(f"{self.name}: lean_graph must be 'auto', 'on' or 'off', got {self.options.lean_graph!r}")
 
     def _make_snapshot(self) -> Snapshot:
         return Snapshot(self._norm_tensors(), self.optimizer)
@@ -188,7 +190,7 @@ class GradientAdapter(BatchNormAdapter):
                                "call it outside (torch.no_grad() around it is fine)")
         with torch.enable_grad():
             for _ in range(self.options.steps):
-                with LeanGraph() if self.options.lean_graph else contextlib.nullcontext():
+                with LeanGraph() if self._lean_graph(x) else contextlib.nullcontext():
                     logits = self.model(x)
                     loss = self.loss(x, logits)
                 if not bool(torch.isfinite(loss)):
@@ -199,6 +201,11 @@ class GradientAdapter(BatchNormAdapter):
                 self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return logits.detach()
+
+    def _lean_graph(self, x: torch.Tensor) -> bool:
+        """Whether this batch's forward runs under :class:`~tta.lean_graph.LeanGraph` (option ``lean_graph``)."""
+        choice = self.options.lean_graph
+        return choice == "on" or (choice == "auto" and x.device.type == "cpu")
 
     def _teardown(self) -> None:
         for name, p in self.model.named_parameters():

@@ -39,9 +39,10 @@ class GradientOptions(MethodOptions):
     momentum: float = option(0.9, "SGD momentum (tent, ImageNet: 0.9)")
     nesterov: bool = option(True, "Nesterov momentum for SGD (tent's configuration: True)")
     weight_decay: float = option(0.0, "weight decay (tent: 0)")
-    lean_graph: bool = option(
-        True, "record frozen convolutions and ReLUs without their activations (same gradients bit for bit, fewer "
-              "bytes kept for the backward pass; see tta.lean_graph)")
+    lean_graph: Literal["auto", "on", "off"] = option(
+        "auto", "keep fewer activations for the backward pass, same gradients bit for bit (frozen convolutions keep "
+                "only their weight, ReLUs a mask; tta.lean_graph): on, off, or auto = on for CPU models (measured no "
+                "slower), off on GPUs (not measured there yet)")
 
 
 def options_from_kwargs(options_cls: type, method: str, kwargs: dict[str, Any]) -> Any:
