@@ -7,8 +7,18 @@ Each mode runs in a fresh process (``--mode`` runs one and prints JSON): ``defau
 mode: the bytes saved for the backward pass (``saved_tensors_hooks``), the peak bytes in tensors over a step
 (the profiler's allocation records, as ``tta bench``'s tensor column), the peak RSS of each step (heap trimmed
 and VmHWM reset before it, as ``tta bench``'s memory column), the median step time (forward, entropy, backward;
-the trims make every step fault its pages in, so it is slower than in ``tta bench``), and whether the BatchNorm
-gradients equal autograd's bit for bit.
+the trims make every step fault its pages in, so it is slower than in ``tta bench``), then the peak RSS of as many
+steps more without trims (malloc keeping what it freed, as the ``tta`` commands run: the heap's extent) above the
+RSS before the first step, and whether the BatchNorm gradients equal autograd's bit for bit.
+
+``--ab-rounds N`` then times the adapters themselves (``tta.adapt(model, method, lean_graph="on"|"off")``,
+forward, backward and Adam's update), interleaved in one process with plain inference, N rounds each of tent,
+core and cafa, and prints the paired ratios: the median over rounds of (lean / autograd) and of each over plain.
+
+``--kernels N`` first times the pieces at ResNet-20's first-stage shape (200, 16, 32, 32), one thread, N
+interleaved rounds: PyTorch's ReLU and its backward (``threshold_backward``) against the bit-mask kernels, and a
+frozen convolution's input gradient through autograd's node against :class:`tta.lean_graph.FrozenConvolution`
+(median ms; the order of the pieces rotates each round).
 
 An earlier version of this script (commit 21a9839) also measured two lean graphs written in PyTorch ops alone
 (boolean ReLU masks; ReLUs recomputed from the BatchNorm input): docs/performance.md, Memory.
@@ -49,15 +59,14 @@ def _saved_mb(model: torch.nn.Module, x: torch.Tensor, graph: Callable) -> float
 def measure(mode: str, weights: str | None, batch: int, steps: int) -> dict[str, Any]:
     """One mode in this process: tent's step (forward, entropy, backward, no update) on ResNet-20 at 32 px."""
     import tta
-    from eval.bench import _reset_peak_rss, _status_kb, peak_tensor_bytes
-    from eval.models import load_model
+    from eval.bench import BenchConfig, _reset_peak_rss, _status_kb, build_model, peak_tensor_bytes
     from tta.cpu_memory import return_free_memory
     from tta.lean_graph import LeanGraph
     from tta.methods.tent import softmax_entropy
 
     tta.retain_freed_memory()
     torch.set_num_threads(1)
-    model = load_model("cifar10_resnet20", weights)
+    model, _ = build_model(BenchConfig(weights=weights))
     x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     adapted = tta.adapt(model, "tent", lean_graph="off")  # the graph is chosen here, around the forward
     graph = LeanGraph if mode == "lean" else contextlib.nullcontext
@@ -72,6 +81,9 @@ def measure(mode: str, weights: str | None, batch: int, steps: int) -> dict[str,
     tensors = peak_tensor_bytes(step)
     adapted.optimizer.zero_grad(set_to_none=True)
     rows = []
+    gc.collect()
+    return_free_memory()
+    start_rss = _status_kb("VmRSS") / 1024
     for _ in range(steps):
         gc.collect()
         return_free_memory()
@@ -82,9 +94,99 @@ def measure(mode: str, weights: str | None, batch: int, steps: int) -> dict[str,
         rows.append((time.perf_counter() - start, _status_kb("VmHWM") / 1024 - base))
         grads = [p.grad.clone() for p in adapted.params]
         adapted.optimizer.zero_grad(set_to_none=True)  # no update: every step sees the same parameters
+    retained = []  # as the tta commands run: no trims, malloc keeps what it freed, RSS = the heap's extent
+    for _ in range(steps):
+        _reset_peak_rss()
+        step()
+        adapted.optimizer.zero_grad(set_to_none=True)
+        retained.append(round(_status_kb("VmHWM") / 1024 - start_rss))
     return {"mode": mode, "saved_mb": saved, "peak_tensor_mb": None if tensors is None else tensors / 2**20,
             "step_ms": 1e3 * statistics.median(r[0] for r in rows), "peak_rss_mb": [round(r[1]) for r in rows],
-            "grads": [g.tolist() for g in grads]}
+            "retained_rss_mb": retained, "grads": [g.tolist() for g in grads]}
+
+
+def time_kernels(rounds: int) -> dict[str, float]:
+    """Median ms of each piece at (200, 16, 32, 32), one thread, interleaved rounds."""
+    import torch.nn.functional as F
+
+    import tta
+    from tta import native_relu
+    from tta.lean_graph import FrozenConvolution
+
+    tta.retain_freed_memory()  # as the tta commands run: freed maps reused, not page-faulted in again
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, 32, 32, generator=g)
+    grad = torch.randn(200, 16, 32, 32, generator=g)
+    weight = torch.randn(16, 16, 3, 3, generator=g)
+    out, bits = native_relu.relu_with_bits(x)
+    leaf = x.clone().requires_grad_(True)
+    autograd_conv = F.conv2d(leaf, weight, None, 1, 1)
+    frozen_conv = FrozenConvolution.apply(leaf, weight, None, 1, 1, 1, 1, 2)
+    pieces: dict[str, Callable[[], Any]] = {
+        "relu (PyTorch)": lambda: torch.relu(x),
+        "relu + bits (kernel)": lambda: native_relu.relu_with_bits(x),
+        "relu backward (threshold_backward)": lambda: torch.ops.aten.threshold_backward(grad, out, 0),
+        "relu backward from bits (kernel)": lambda: native_relu.relu_grad_from_bits(grad, bits, out.shape,
+                                                                                    out.stride()),
+        "conv input gradient (autograd)": lambda: torch.autograd.grad(autograd_conv, leaf, grad, retain_graph=True),
+        "conv input gradient (FrozenConvolution)": lambda: torch.autograd.grad(frozen_conv, leaf, grad,
+                                                                               retain_graph=True),
+    }
+    times: dict[str, list[float]] = {name: [] for name in pieces}
+    for name, piece in pieces.items():
+        piece()
+    names = list(pieces)
+    for r in range(rounds):  # the order rotates each round, so no piece always follows the same one
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            pieces[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def time_adapters(weights: str | None, batch: int, rounds: int, methods: tuple[str, ...]) -> dict[str, Any]:
+    """Paired timing of each method's adapter with the lean graph on and off, and plain inference, in this process."""
+    import copy
+
+    import tta
+    from eval.bench import BenchConfig, build_model, random_source_stats
+
+    tta.retain_freed_memory()
+    torch.set_num_threads(1)
+    model, _ = build_model(BenchConfig(weights=weights))
+    x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    plain = copy.deepcopy(model).eval()
+
+    def infer() -> None:
+        with torch.inference_mode():
+            plain(x)
+
+    rows: dict[str, Callable[[], Any]] = {"plain": infer}
+    for method in methods:
+        options = {}
+        if method == "cafa":
+            options["source_stats"] = random_source_stats(model, BenchConfig(batch_size=batch))
+        for graph in ("on", "off"):
+            adapted = tta.adapt(copy.deepcopy(model), method, lean_graph=graph, **options)
+            rows[f"{method} {graph}"] = (lambda a: lambda: a(x))(adapted)
+    for run in rows.values():  # warm-up
+        run()
+        run()
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for r in range(rounds):
+        order = list(rows) if r % 2 == 0 else list(rows)[::-1]
+        for name in order:
+            start = time.perf_counter()
+            rows[name]()
+            times[name].append(time.perf_counter() - start)
+
+    def paired(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    return {"median_ms": {name: 1e3 * statistics.median(t) for name, t in times.items()},
+            "on_over_off": {m: paired(f"{m} on", f"{m} off") for m in methods},
+            "over_plain": {f"{m} {g}": paired(f"{m} {g}", "plain") for m in methods for g in ("on", "off")}}
 
 
 def main() -> int:
@@ -93,10 +195,17 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--mode", choices=MODES, help="run one mode in this process (JSON out)")
+    parser.add_argument("--kernels", type=int, default=0, help="first time the pieces, this many rounds")
+    parser.add_argument("--ab-rounds", type=int, default=0,
+                        help="then time the adapters with the lean graph on and off, interleaved, this many rounds")
     args = parser.parse_args()
     if args.mode:
         print(json.dumps(measure(args.mode, args.weights, args.batch_size, args.steps)))
         return 0
+    if args.kernels:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        for name, ms in time_kernels(args.kernels).items():
+            print(f"{name:42s} {ms:6.2f} ms")
     results = {}
     for mode in MODES:
         command = [sys.executable, __file__, "--mode", mode, "--batch-size", str(args.batch_size), "--steps",
@@ -105,9 +214,16 @@ def main() -> int:
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     for mode, r in results.items():
         print(f"{mode:8s} saved {r['saved_mb']:6.1f} MB | peak in tensors {r['peak_tensor_mb']:6.1f} MB | "
-              f"step {r['step_ms']:6.0f} ms | peak RSS per step {r['peak_rss_mb']} MB")
+              f"step {r['step_ms']:6.0f} ms | peak RSS per step {r['peak_rss_mb']} MB | then without trims, "
+              f"peak RSS above the start {r['retained_rss_mb']} MB")
     same = all(results["default"]["grads"] == r["grads"] for r in results.values())
     print(f"BatchNorm gradients bitwise equal to autograd's in every mode: {same}")
+    if args.ab_rounds:
+        timed = time_adapters(args.weights, args.batch_size, args.ab_rounds, ("tent", "core", "cafa"))
+        print(f"adapters, {args.ab_rounds} interleaved rounds, median ms: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in timed["median_ms"].items()))
+        print("paired, lean graph on / off: " + ", ".join(f"{k} {v:.3f}" for k, v in timed["on_over_off"].items()))
+        print("paired, over plain: " + ", ".join(f"{k} {v:.2f}" for k, v in timed["over_plain"].items()))
     return 0 if same else 1
 
 

@@ -264,7 +264,10 @@ def test_boolean_masks_where_the_bit_kernels_do_not_run(monkeypatch):
 def test_auto_means_on_for_cpu_batches_and_a_bad_value_is_refused():
     adapted = tta.adapt(small_net(), "tent")
     assert adapted.options.lean_graph == "auto"
-    assert adapted._lean_graph(torch.zeros(1)) and not adapted._lean_graph(torch.zeros(1, device="meta"))
-    assert not tta.adapt(small_net(), "tent", lean_graph="off")._lean_graph(torch.zeros(1))
+    large, small = torch.zeros(43, 3, 32, 32), torch.zeros(42, 3, 32, 32)  # 2^17 input elements: from 43 images
+    assert adapted._lean_graph(large) and not adapted._lean_graph(small)
+    assert not adapted._lean_graph(torch.zeros(43, 3, 32, 32, device="meta"))
+    assert tta.adapt(small_net(), "tent", lean_graph="on")._lean_graph(small)
+    assert not tta.adapt(small_net(), "tent", lean_graph="off")._lean_graph(large)
     with pytest.raises(ValueError, match="lean_graph must be 'auto', 'on' or 'off'"):
         tta.adapt(small_net(), "tent", lean_graph=True)

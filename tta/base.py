@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tta.lean_graph import LeanGraph
+from tta.lean_graph import AUTO_MIN_INPUT_ELEMENTS, LeanGraph
 from tta.norm_layers import MixedBatchNorm, find_batchnorms, swap_batchnorms, undo_swaps
 from tta.optim import make_optimizer
 from tta.options import GradientOptions, MethodOptions
@@ -154,7 +154,7 @@ class GradientAdapter(BatchNormAdapter):
     Every other parameter gets ``requires_grad=False`` while adapted (no weight gradients are computed for it,
     and it never changes); ``release()`` restores the flags. Each step: forward, loss, backward, optimizer step;
     the logits returned are those of the last forward, computed before its update (as tent does).
-    With ``lean_graph`` on (the default on CPU) the forward pass runs under :class:`tta.lean_graph.LeanGraph`, which
+    With ``lean_graph`` on (by default for CPU batches of 2^17 input elements and more) the forward pass runs under :class:`tta.lean_graph.LeanGraph`, which
     keeps fewer activations for the backward pass and gives the same gradients.
     A step whose loss is not finite (e.g. from inputs so large that the network overflows) is skipped, so one bad
     batch cannot poison the parameters; ``skipped_steps`` counts them.
@@ -205,7 +205,8 @@ class GradientAdapter(BatchNormAdapter):
     def _lean_graph(self, x: torch.Tensor) -> bool:
         """Whether this batch's forward runs under :class:`~tta.lean_graph.LeanGraph` (option ``lean_graph``)."""
         choice = self.options.lean_graph
-        return choice == "on" or (choice == "auto" and x.device.type == "cpu")
+        return choice == "on" or (choice == "auto" and x.device.type == "cpu"
+                                  and x.numel() >= AUTO_MIN_INPUT_ELEMENTS)
 
     def _teardown(self) -> None:
         for name, p in self.model.named_parameters():

@@ -22,8 +22,8 @@ nothing where the ReLU keeps the same map; ``torch.compile`` (it plans its own g
 
 Cost: each recorded operation is a Python autograd Function (tens of microseconds per call). On CPU that is lost in
 the arithmetic (tent on ResNet-20 at batch 200: the same time with and without, docs/performance.md); on a GPU,
-where a step takes milliseconds, it may not be, so adapters use it on CPU by default (``lean_graph="auto"``) and
-on GPUs only when asked (``lean_graph="on"``).
+where a step takes milliseconds, it may not be, so adapters use it by default only for CPU batches large enough to
+hide it (``lean_graph="auto"``: ``AUTO_MIN_INPUT_ELEMENTS``), on GPUs only when asked (``lean_graph="on"``).
 
 Memory: the bytes held in tensors fall by about a third (ResNet-20, batch 200: the step's peak 296 -> 182 MB). On
 CPU the process's RSS does not fall with them under glibc's malloc, whose placement of the freed maps leaves the
@@ -31,6 +31,7 @@ heap as large as before (docs/performance.md, Memory).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -40,6 +41,11 @@ from torch.overrides import TorchFunctionMode
 
 from tta import native_relu
 
+#: ``lean_graph="auto"`` turns the graph on for CPU batches of at least this many input elements (43 CIFAR images,
+#: one 224 px image). Each recorded operation costs a Python autograd Function, a fixed ~7-10 ms per tent step on
+#: ResNet-20: +13-19 % of the step at batch 8 (32 px), 0-2 % at batch 200 (benchmarks/lean_graph.py --ab-rounds),
+#: while the memory it saves grows with the batch.
+AUTO_MIN_INPUT_ELEMENTS = 1 << 17
 #: The convolutions the mode records, with their number of spatial dimensions.
 CONVOLUTIONS: dict[Callable, int] = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 #: Devices whose ReLUs save a boolean mask where the bit kernels (CPU, float32) do not apply.
@@ -175,6 +181,18 @@ class LeanGraph(TorchFunctionMode):
 
 
 _HANDLED: dict[Callable, str] = {**{f: "convolution" for f in CONVOLUTIONS}, **{f: "relu" for f in RELUS}}
+
+
+def outside_lean_graph() -> contextlib.AbstractContextManager:
+    """Suspend a :class:`LeanGraph` that is the innermost torch-function mode, for code that records nothing it
+    would change (our BatchNorm layers: ~25 tensor calls each, which the mode would otherwise pass through Python
+    one by one, about 10 ms per tent step of ResNet-20). Any other mode stays active. Uses
+    ``torch.overrides``'s mode-stack helpers; where they are missing, the mode stays (correct, slower)."""
+    current = getattr(torch.overrides, "_get_current_function_mode", None)
+    pop = getattr(torch.overrides, "_pop_mode_temporarily", None)
+    if current is not None and pop is not None and isinstance(current(), LeanGraph):
+        return pop()
+    return contextlib.nullcontext()
 
 
 def lean_graph() -> LeanGraph:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from tta.lean_graph import outside_lean_graph
 from tta.mixed_bn_kernel import mixed_batch_norm
 
 
@@ -57,7 +58,9 @@ class MixedBatchNorm(nn.Module):
             raise ValueError(f"MixedBatchNorm expected (N, {self.num_features}, ...) input, got {tuple(x.shape)}")
         if not self.uses_batch_statistics:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        return mixed_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.alpha, self.eps)
+        with outside_lean_graph():
+            return mixed_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.alpha,
+                                    self.eps)
 
 
 @dataclass
