@@ -10,10 +10,10 @@ gradients for the BatchNorm parameters:
 - a ReLU needs only where its output is positive, which :mod:`tta.native_relu` keeps as one bit per element on
   CPU (float32), and a boolean map elsewhere (GPUs).
 
-Inside ``with lean_graph():`` (a ``TorchFunctionMode``) frozen convolutions and float32 ReLUs are recorded that
-way; every other operation is recorded as usual. The gradients are the same, bit for bit, as autograd's
-(``tests/test_tta_lean_graph.py``); ResNet-20 at batch 200 saves 155 MB instead of 289 MB
-(``benchmarks/lean_graph.py``, docs/performance.md).
+Inside ``with lean_graph():`` (a ``TorchFunctionMode``) frozen convolutions and ReLUs are recorded that way; every
+other operation is recorded as usual. The gradients are the same, bit for bit, as autograd's
+(``tests/test_tta_lean_graph.py``); tent on ResNet-20 at batch 200 keeps 148 MB for the backward pass instead of
+288 MB (``benchmarks/lean_graph.py``, docs/performance.md).
 
 Not applied (the operation is recorded as usual): a convolution whose weight or bias is trained, string padding,
 autocast (its bfloat16 casts), a ReLU on a leaf or a view, in place; CPU ReLUs that are not float32 or where the
@@ -81,7 +81,7 @@ class FrozenConvolution(torch.autograd.Function):
         # choose the kernel) but never read. A zero-stride stand-in (as torch.nn.grad.conv2d_input passes) is
         # made contiguous by oneDNN's path first, a full copy; so pass a tensor laid out as the input was: the
         # gradient itself where it has that shape, else uninitialised memory (allocated, never touched).
-        if grad.shape == ctx.input_shape:
+        if grad.shape == ctx.input_shape and grad.is_contiguous(memory_format=ctx.layout):
             stand_in = grad
         else:
             stand_in = torch.empty(ctx.input_shape, dtype=grad.dtype, memory_format=ctx.layout)
