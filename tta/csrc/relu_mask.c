@@ -105,14 +105,16 @@ static int64_t thread_count(int64_t threads, int64_t bytes) {
     return threads < 1 ? 1 : threads;
 }
 
-/* out = relu(x) (out may be x: in place) and bits[0 .. ceil(n / 8)) = where x passed. */
-void tta_relu_bits_f32(const float* x, float* out, uint8_t* bits, int64_t n, int64_t threads) {
+/* One pass over elements [0, n), split between threads by byte of bits: the forward (bits written) or the backward
+ * (bits read). `input` is x or grad. Streaming stores need 32-byte aligned destinations: every thread starts a
+ * multiple of 32 bytes after `out`, so `out` itself must be aligned; the backward in place (out == grad) keeps
+ * ordinary stores. */
+static void relu_pass(int backward, const float* input, float* out, uint8_t* bits, int64_t n, int64_t threads) {
     int64_t bytes = (n + 7) / 8, full = n / 8;
     threads = thread_count(threads, bytes);
 #ifdef TTA_HAVE_AVX2_PATH
     int avx2 = have_avx2();
-    /* streaming needs 32-byte aligned stores: every thread starts a multiple of 32 bytes after out */
-    int stream = n * 4 >= STREAM_MIN_BYTES && ((uintptr_t)out % 32) == 0;
+    int stream = n * 4 >= STREAM_MIN_BYTES && ((uintptr_t)out % 32) == 0 && !(backward && out == input);
 #endif
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
     for (int64_t t = 0; t < threads; ++t) {
@@ -120,32 +122,22 @@ void tta_relu_bits_f32(const float* x, float* out, uint8_t* bits, int64_t n, int
         int64_t vector_end = b1 < full ? b1 : full;
 #ifdef TTA_HAVE_AVX2_PATH
         if (avx2 && b0 < vector_end) {
-            relu_bits_avx2(x, out, bits, b0, vector_end, stream);
+            if (backward) relu_grad_avx2(input, bits, out, b0, vector_end, stream);
+            else relu_bits_avx2(input, out, bits, b0, vector_end, stream);
             b0 = vector_end;
         }
 #endif
-        relu_bits_plain(x, out, bits, b0, b1, n);
+        if (backward) relu_grad_plain(input, bits, out, b0, b1, n);
+        else relu_bits_plain(input, out, bits, b0, b1, n);
     }
+}
+
+/* out = relu(x) (out may be x: in place) and bits[0 .. ceil(n / 8)) = where x passed. */
+void tta_relu_bits_f32(const float* x, float* out, uint8_t* bits, int64_t n, int64_t threads) {
+    relu_pass(0, x, out, bits, n, threads);
 }
 
 /* out = grad where the bit is set, else 0 (out must not alias grad's other elements; out == grad is fine). */
 void tta_relu_grad_f32(const float* grad, const uint8_t* bits, float* out, int64_t n, int64_t threads) {
-    int64_t bytes = (n + 7) / 8, full = n / 8;
-    threads = thread_count(threads, bytes);
-#ifdef TTA_HAVE_AVX2_PATH
-    int avx2 = have_avx2();
-    int stream = n * 4 >= STREAM_MIN_BYTES && ((uintptr_t)out % 32) == 0 && out != grad;
-#endif
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int64_t t = 0; t < threads; ++t) {
-        int64_t b0 = bytes * t / threads, b1 = bytes * (t + 1) / threads;
-        int64_t vector_end = b1 < full ? b1 : full;
-#ifdef TTA_HAVE_AVX2_PATH
-        if (avx2 && b0 < vector_end) {
-            relu_grad_avx2(grad, bits, out, b0, vector_end, stream);
-            b0 = vector_end;
-        }
-#endif
-        relu_grad_plain(grad, bits, out, b0, b1, n);
-    }
+    relu_pass(1, grad, out, (uint8_t*)bits, n, threads);
 }
