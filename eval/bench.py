@@ -331,16 +331,23 @@ def _release_free_memory() -> None:
     return_free_memory()
 
 
+def _warmed_up_setup(config: BenchConfig, name: str) -> tuple[nn.Module, list[torch.Tensor], Any]:
+    """The model, inputs and cafa's statistics for measuring one row's memory, after a throwaway copy of the row has
+    run a 2-image batch (so code pages and one-time runtime allocations are not counted as the row's)."""
+    model, _ = build_model(config)
+    inputs = make_inputs(config)
+    stats = random_source_stats(model, config) if name == "cafa" else None
+    build_row(name, copy.deepcopy(model), config, stats).call(inputs[0][:2])
+    return model, inputs, stats
+
+
 def measure_row_memory(config: BenchConfig, name: str) -> dict[str, Any]:
     """Peak memory increase (MB) of running one row: warm-up plus two batches, from before the adapter is built.
 
     Before the baseline, a throwaway copy of the row runs a 2-image batch, so that code pages and one-time
     runtime allocations (kernels, autograd, optimizer code: tens of MB of RSS) are not counted as the row's memory.
     """
-    model, _ = build_model(config)
-    inputs = make_inputs(config)
-    stats = random_source_stats(model, config) if name == "cafa" else None
-    build_row(name, copy.deepcopy(model), config, stats).call(inputs[0][:2])
+    model, inputs, stats = _warmed_up_setup(config, name)
     batches = max(config.warmup, 1) + 2
     _release_free_memory()
     cuda = config.device.startswith("cuda")
@@ -410,10 +417,7 @@ def peak_tensor_bytes(run: Callable[[], None]) -> int | None:
 def measure_row_tensors(config: BenchConfig, name: str) -> dict[str, Any]:
     """Peak bytes in CPU tensors (see :func:`peak_tensor_bytes`) while the row is built and runs warm-up plus two
     batches, above those held before it was built, as CUDA's figure is."""
-    model, _ = build_model(config)
-    inputs = make_inputs(config)
-    stats = random_source_stats(model, config) if name == "cafa" else None
-    build_row(name, copy.deepcopy(model), config, stats).call(inputs[0][:2])  # one-time allocations, as for the RSS
+    model, inputs, stats = _warmed_up_setup(config, name)
 
     def run() -> None:
         row = build_row(name, model, config, stats)

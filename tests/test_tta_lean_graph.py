@@ -271,5 +271,7 @@ def test_auto_means_on_for_cpu_batches_and_a_bad_value_is_refused():
     assert not adapted._lean_graph(torch.zeros(43, 3, 32, 32, device="meta"))
     assert tta.adapt(small_net(), "tent", lean_graph="on")._lean_graph(small)
     assert not tta.adapt(small_net(), "tent", lean_graph="off")._lean_graph(large)
+    model = small_net()
     with pytest.raises(ValueError, match="lean_graph must be 'auto', 'on' or 'off'"):
-        tta.adapt(small_net(), "tent", lean_graph=True)
+        tta.adapt(model, "tent", lean_graph=True)
+    assert isinstance(model[1], nn.BatchNorm2d) and all(p.requires_grad for p in model.parameters())  # untouched

@@ -154,8 +154,8 @@ class GradientAdapter(BatchNormAdapter):
     Every other parameter gets ``requires_grad=False`` while adapted (no weight gradients are computed for it,
     and it never changes); ``release()`` restores the flags. Each step: forward, loss, backward, optimizer step;
     the logits returned are those of the last forward, computed before its update (as tent does).
-    With ``lean_graph`` on (by default for CPU batches of 2^17 input elements and more) the forward pass runs under :class:`tta.lean_graph.LeanGraph`, which
-    keeps fewer activations for the backward pass and gives the same gradients.
+    With ``lean_graph`` on (by default for CPU batches of 2^17 input elements and more) the forward pass runs under
+    :class:`tta.lean_graph.LeanGraph`, which keeps fewer activations for the backward pass, with the same gradients.
     A step whose loss is not finite (e.g. from inputs so large that the network overflows) is skipped, so one bad
     batch cannot poison the parameters; ``skipped_steps`` counts them.
     """
@@ -163,6 +163,8 @@ class GradientAdapter(BatchNormAdapter):
     Options: ClassVar[type] = GradientOptions
 
     def _setup(self) -> None:
+        if self.options.lean_graph not in ("auto", "on", "off"):  # before the model is touched
+            raise ValueError(f"{self.name}: lean_graph must be 'auto', 'on' or 'off', got {self.options.lean_graph!r}")
         super()._setup()
         self.params = [p for layer in self.norm_layers for p in (layer.weight, layer.bias) if p is not None]
         if not self.params:
@@ -174,8 +176,6 @@ class GradientAdapter(BatchNormAdapter):
         for p in self.params:
             p.requires_grad_(True)
         self.optimizer = make_optimizer(self.params, self.options)
-        if self.options.lean_graph not in ("auto", "on", "off"):
-            raise ValueError(f"{self.name}: lean_graph must be 'auto', 'on' or 'off', got {self.options.lean_graph!r}")
 
     def _make_snapshot(self) -> Snapshot:
         return Snapshot(self._norm_tensors(), self.optimizer)
