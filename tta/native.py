@@ -30,9 +30,11 @@ SOURCES = (CSRC / "channel_moments.c", CSRC / "relu_mask.c")
 INPUTS = (*SOURCES, CSRC / "channel_moments_impl.h")
 #: Compiler flags; ``-fopenmp-simd`` enables the ``omp simd`` pragmas even where no OpenMP runtime is linked.
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp-simd")
-#: Build variants, tried in order: OpenMP threads (sharing PyTorch's libgomp) and GCC's AVX2 clones on x86-64; a
-#: compiler that rejects one gets the next (one thread without OpenMP, e.g. Apple's clang).
+#: Build variants, tried in order: OpenMP threads (sharing PyTorch's libgomp) and the AVX2 code paths on x86-64
+#: (GCC's target clones, the ReLU kernel's target("avx2") functions); a compiler that rejects one gets the next
+#: (one thread without OpenMP, e.g. Apple's clang).
 VARIANTS = (("-fopenmp",), ("-fopenmp", "-DTTA_NO_TARGET_CLONES"), (), ("-DTTA_NO_TARGET_CLONES",))
+
 
 def cache_dir() -> Path:
     """Where the built library is kept: ``TTA_CACHE_DIR``, else ``$XDG_CACHE_HOME/tta``, else ``~/.cache/tta``."""
