@@ -42,9 +42,9 @@ from torch.overrides import TorchFunctionMode
 from tta import native_relu
 
 #: ``lean_graph="auto"`` turns the graph on for CPU batches of at least this many input elements (43 CIFAR images,
-#: one 224 px image). Each recorded operation costs a Python autograd Function, a fixed ~7-10 ms per tent step on
-#: ResNet-20: +13-19 % of the step at batch 8 (32 px), 0-2 % at batch 200 (benchmarks/lean_graph.py --ab-rounds),
-#: while the memory it saves grows with the batch.
+#: one 224 px image). Each recorded operation costs a Python autograd Function, a fixed few ms per tent step on
+#: ResNet-20: +12-14 % of the step at batch 8 (32 px), within noise (-2 to +2 %) at batch 200
+#: (benchmarks/lean_graph.py --ab-rounds; docs/performance.md), while the memory it saves grows with the batch.
 AUTO_MIN_INPUT_ELEMENTS = 1 << 17
 #: The convolutions the mode records, with their number of spatial dimensions.
 CONVOLUTIONS: dict[Callable, int] = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
