@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tta.mixed_bn_kernel import (CONDITION_LIMIT, MixedBatchNormFunction, _affine_plus_scaled, batch_statistics,
+from tta.mixed_bn_kernel import (CONDITION_LIMIT, MixedBatchNormFunction, _affine_plus_scaled,
+                                 _native_affine_plus_scaled, batch_statistics,
                                  mixed_batch_norm, native_batch_statistics, reference_mixed_batch_norm)
 
 
@@ -196,3 +197,25 @@ def test_backward_elementwise_part_is_the_per_channel_formula(dtype, channels_la
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     tolerance = {torch.float32: 1e-6, torch.float64: 1e-14, torch.bfloat16: 3e-2}[dtype]
     torch.testing.assert_close(out.to(wide), expected, rtol=tolerance, atol=tolerance * 4)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_backward_elementwise_pass_in_c_matches_pytorch_s_two_passes(monkeypatch, channels_last):
+    """The one-pass C kernel (float32) against the eval kernel + addcmul path, to a float32 ulp or two; other
+    layouts of the gradient (strides unlike x's) take the PyTorch passes."""
+    from tta import native
+    if native.library() is None:
+        pytest.skip(f"C kernels not built: {native.status()}")
+    g = torch.Generator().manual_seed(1)
+    x, grad = torch.randn(4, 8, 5, 7, generator=g), torch.randn(4, 8, 5, 7, generator=g)
+    if channels_last:
+        x, grad = x.to(memory_format=torch.channels_last), grad.to(memory_format=torch.channels_last)
+    a, b, s = (torch.randn(8, generator=g) for _ in range(3))
+    fused = _affine_plus_scaled(x, a, b, grad, s)
+    assert fused is not None and fused.stride() == x.stride()
+    monkeypatch.setattr(native, "library", lambda: None)
+    two_passes = _affine_plus_scaled(x, a, b, grad, s)
+    torch.testing.assert_close(fused, two_passes, rtol=1e-6, atol=1e-6)
+    monkeypatch.undo()
+    other_strides = grad.transpose(2, 3).contiguous().transpose(2, 3)
+    assert other_strides.stride() != x.stride() and _native_affine_plus_scaled(x, a, b, other_strides, s) is None

@@ -1,8 +1,9 @@
 """Build and load the library of small C kernels in ``tta/csrc`` (plain C, no PyTorch headers), once per machine.
 
-What is in it: the one-pass per-channel statistics of :mod:`tta.native_moments` (test-time BN's statistics pass)
-and the bit-mask ReLU of :mod:`tta.native_relu` (the lean autograd graph of :mod:`tta.lean_graph`). Both are
-memory-bound passes that PyTorch's eager CPU ops do in two passes or with wider masks.
+What is in it: the one-pass per-channel statistics of :mod:`tta.native_moments` (test-time BN's statistics pass),
+the bit-mask ReLU of :mod:`tta.native_relu` (the lean autograd graph of :mod:`tta.lean_graph`), and the one-pass
+``a * x + b + s * g`` of core's BatchNorm backward (:mod:`tta.mixed_bn_kernel`). All are memory-bound passes that
+PyTorch's eager CPU ops do in two passes or with wider masks.
 
 The library is built with the system's C compiler on first use (0.1-0.5 s) into a cache directory
 (``TTA_CACHE_DIR``, else ``$XDG_CACHE_HOME/tta``, else ``~/.cache/tta``), keyed by a hash of its sources, compiler
@@ -25,7 +26,7 @@ from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
 #: The translation units compiled into the one library.
-SOURCES = (CSRC / "channel_moments.c", CSRC / "relu_mask.c")
+SOURCES = (CSRC / "channel_moments.c", CSRC / "relu_mask.c", CSRC / "affine_plus_scaled.c")
 #: Every file the build reads (the hash of the cached library covers them all).
 INPUTS = (*SOURCES, CSRC / "channel_moments_impl.h")
 #: Compiler flags; ``-fopenmp-simd`` enables the ``omp simd`` pragmas even where no OpenMP runtime is linked.
@@ -79,6 +80,8 @@ def _signatures() -> dict[str, tuple[list[type], type | None]]:
         signatures[f"tta_channel_moments_cl_{suffix}"] = ([ptr, i64, i64, i64, double, ptr, ptr], c_int)
     signatures["tta_relu_bits_f32"] = ([ptr, ptr, ptr, i64, i64], None)
     signatures["tta_relu_grad_f32"] = ([ptr, ptr, ptr, i64, i64], None)
+    signatures["tta_affine_plus_scaled_f32"] = ([ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64], None)
+    signatures["tta_affine_plus_scaled_cl_f32"] = ([ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64], None)
     return signatures
 
 
