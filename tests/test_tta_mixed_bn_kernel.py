@@ -199,7 +199,7 @@ def test_backward_elementwise_part_is_the_per_channel_formula(dtype, channels_la
     torch.testing.assert_close(out.to(wide), expected, rtol=tolerance, atol=tolerance * 4)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True, "2d"])
 def test_backward_elementwise_pass_in_c_matches_pytorch_s_two_passes(monkeypatch, channels_last):
     """The one-pass C kernel (float32) against the eval kernel + addcmul path, to a float32 ulp or two; other
     layouts of the gradient (strides unlike x's) take the PyTorch passes."""
@@ -207,8 +207,9 @@ def test_backward_elementwise_pass_in_c_matches_pytorch_s_two_passes(monkeypatch
     if native.library() is None:
         pytest.skip(f"C kernels not built: {native.status()}")
     g = torch.Generator().manual_seed(1)
-    x, grad = torch.randn(4, 8, 5, 7, generator=g), torch.randn(4, 8, 5, 7, generator=g)
-    if channels_last:
+    shape = (40, 8) if channels_last == "2d" else (4, 8, 5, 7)  # 2d: BatchNorm1d's (N, C)
+    x, grad = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    if channels_last is True:
         x, grad = x.to(memory_format=torch.channels_last), grad.to(memory_format=torch.channels_last)
     a, b, s = (torch.randn(8, generator=g) for _ in range(3))
     fused = _affine_plus_scaled(x, a, b, grad, s)
@@ -217,5 +218,14 @@ def test_backward_elementwise_pass_in_c_matches_pytorch_s_two_passes(monkeypatch
     two_passes = _affine_plus_scaled(x, a, b, grad, s)
     torch.testing.assert_close(fused, two_passes, rtol=1e-6, atol=1e-6)
     monkeypatch.undo()
-    other_strides = grad.transpose(2, 3).contiguous().transpose(2, 3)
+    other_strides = grad.t().contiguous().t() if x.dim() == 2 else grad.transpose(2, 3).contiguous().transpose(2, 3)
     assert other_strides.stride() != x.stride() and _native_affine_plus_scaled(x, a, b, other_strides, s) is None
+
+
+def test_backward_elementwise_pass_leaves_short_rows_to_pytorch():
+    """Contiguous maps with rows of fewer than 16 positions (a call per row would be slow) take PyTorch's passes."""
+    x, g = torch.randn(4, 8, 3, 5), torch.randn(4, 8, 3, 5)
+    a, b, s = torch.randn(8), torch.randn(8), torch.randn(8)
+    assert _native_affine_plus_scaled(x, a, b, g, s) is None
+    torch.testing.assert_close(_affine_plus_scaled(x, a, b, g, s),
+                               a.view(1, 8, 1, 1) * x + b.view(1, 8, 1, 1) + s.view(1, 8, 1, 1) * g)

@@ -94,10 +94,12 @@ def _native_affine_plus_scaled(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     a, b, s = (v.to(torch.float32).contiguous() for v in (a, b, s))
     out = torch.empty_like(x)
     threads = torch.get_num_threads()
-    if x.is_contiguous():
+    if x.dim() > 2 and x.is_contiguous():
+        if x.numel() // (n * c) < native_moments.MIN_ROW_LENGTH[torch.float32]:
+            return None  # rows of a few elements: PyTorch's broadcasting passes are faster than a call per row
         lib.tta_affine_plus_scaled_f32(x.data_ptr(), g.data_ptr(), a.data_ptr(), b.data_ptr(), s.data_ptr(),
                                        out.data_ptr(), n, c, x.numel() // (n * c), threads)
-    elif x.movedim(1, -1).is_contiguous():  # channels-last: (positions, C) rows
+    elif x.movedim(1, -1).is_contiguous():  # channels-last, or a (N, C) batch: (positions, C) rows
         lib.tta_affine_plus_scaled_cl_f32(x.data_ptr(), g.data_ptr(), a.data_ptr(), b.data_ptr(), s.data_ptr(),
                                           out.data_ptr(), x.numel() // c, c, threads)
     else:
