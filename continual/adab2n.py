@@ -32,6 +32,8 @@ Choices the formulas leave open, each a parameter:
 """
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Iterator
 
 import torch
@@ -57,10 +59,12 @@ def eta_schedule(t: int, momentum: float | None, kappa: float) -> float:
         return 1.0 / t
     if kappa == 1.0:
         return float(momentum)
-    c = (1.0 - momentum) ** kappa
-    u1 = momentum ** (-kappa)
-    ct = c ** (t - 1)
-    u = (1.0 - ct) / (1.0 - c) + ct * u1 if c != 1.0 else (t - 1) + u1
+    # log c and 1 - c, 1 - c^(t-1) through log1p/expm1: for small kappa c is within ~1e-8 of 1, and the plain
+    # (1 - c^(t-1)) / (1 - c) loses half its digits to cancellation (relative error ~1e-8 against the recursion).
+    log_c = kappa * math.log1p(-momentum)
+    u1 = math.exp(-kappa * math.log(momentum))
+    ct = math.exp((t - 1) * log_c)
+    u = math.expm1((t - 1) * log_c) / math.expm1(log_c) + ct * u1 if log_c != 0.0 else (t - 1) + u1
     return 1.0 / u
 
 
