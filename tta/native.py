@@ -28,7 +28,7 @@ CSRC = Path(__file__).with_name("csrc")
 #: The translation units compiled into the one library.
 SOURCES = (CSRC / "channel_moments.c", CSRC / "relu_mask.c", CSRC / "affine_plus_scaled.c")
 #: Every file the build reads (the hash of the cached library covers them all).
-INPUTS = (*SOURCES, CSRC / "channel_moments_impl.h")
+INPUTS = (*SOURCES, CSRC / "channel_moments_impl.h", CSRC / "common.h")
 #: Compiler flags; ``-fopenmp-simd`` enables the ``omp simd`` pragmas even where no OpenMP runtime is linked.
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp-simd")
 #: Build variants, tried in order: OpenMP threads (sharing PyTorch's libgomp) and the AVX2 code paths on x86-64

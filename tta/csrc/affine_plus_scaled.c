@@ -12,11 +12,7 @@
  */
 #include <stdint.h>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(TTA_NO_TARGET_CLONES)
-#define TTA_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define TTA_CLONES
-#endif
+#include "common.h"
 
 /* One row: o = av * x + bv + sv * g. */
 TTA_CLONES
@@ -34,20 +30,11 @@ static void channel_row_pass(const float* restrict x, const float* restrict g, c
     for (int64_t ch = 0; ch < c; ++ch) o[ch] = a[ch] * x[ch] + b[ch] + s[ch] * g[ch];
 }
 
-static int64_t rows_per_thread_limit(int64_t threads, int64_t rows, int64_t row_length) {
-    int64_t elements = rows * row_length;
-    int64_t most = elements / 32768 > 0 ? elements / 32768 : 1; /* at least 32768 elements per thread */
-    if (threads > most) threads = most;
-    if (threads > rows) threads = rows;
-    if (threads > 64) threads = 64;
-    return threads < 1 ? 1 : threads;
-}
-
 /* Contiguous (N, C, L): row r is channel r % C. */
 void tta_affine_plus_scaled_f32(const float* x, const float* g, const float* a, const float* b, const float* s,
                                 float* out, int64_t n, int64_t c, int64_t len, int64_t threads) {
     int64_t rows = n * c;
-    threads = rows_per_thread_limit(threads, rows, len);
+    threads = tta_thread_count(threads, rows, rows * len, 32768); /* at least 32768 elements per thread */
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         int64_t ch = r % c;
@@ -58,7 +45,7 @@ void tta_affine_plus_scaled_f32(const float* x, const float* g, const float* a, 
 /* Channels last, (R, C) with R = N * spatial positions: element (r, ch) at r * C + ch. */
 void tta_affine_plus_scaled_cl_f32(const float* x, const float* g, const float* a, const float* b, const float* s,
                                    float* out, int64_t rows, int64_t c, int64_t threads) {
-    threads = rows_per_thread_limit(threads, rows, c);
+    threads = tta_thread_count(threads, rows, rows * c, 32768);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         channel_row_pass(x + r * c, g + r * c, a, b, s, out + r * c, c);

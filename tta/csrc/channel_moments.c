@@ -25,15 +25,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "common.h"
+
 #define BLOCK 128
 #define ROW_BLOCK 64
-#define MAX_THREADS 64
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(TTA_NO_TARGET_CLONES)
-#define TTA_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define TTA_CLONES
-#endif
 
 static inline float load_f32(const float* p, int64_t k) { return p[k]; }
 
@@ -69,12 +64,6 @@ typedef struct {
     int64_t c, r0, r1;
     double *sum, *sumsq; /* c doubles each, owned by the caller */
 } RowWork;
-
-static int64_t clamp_threads(int64_t threads, int64_t most) {
-    if (threads > most) threads = most;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    return threads < 1 ? 1 : threads;
-}
 
 #define ELEMENT float
 #define LOAD load_f32

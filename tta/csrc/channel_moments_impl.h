@@ -47,7 +47,7 @@ static void NAME(channel_range)(Work* w) {
 int NAME(tta_channel_moments)(const ELEMENT* x, int64_t n, int64_t c, int64_t len, int64_t threads, double limit,
                               float* mean, float* var) {
     int ill_conditioned = 0, out_of_memory = 0;
-    threads = clamp_threads(threads, c);
+    threads = tta_thread_count(threads, c, c, 1);
 #pragma omp parallel for num_threads(threads) schedule(static, 1) reduction(| : ill_conditioned, out_of_memory)
     for (int64_t t = 0; t < threads; ++t) {
         Work w = {x, n, c, len, c * t / threads, c * (t + 1) / threads, limit, mean, var, 0};
@@ -109,7 +109,7 @@ static void NAME(row_range)(RowWork* w) {
 int NAME(tta_channel_moments_cl)(const ELEMENT* x, int64_t rows, int64_t c, int64_t threads, double limit,
                                  float* mean, float* var) {
     RowWork work[MAX_THREADS];
-    threads = clamp_threads(threads, rows);
+    threads = tta_thread_count(threads, rows, rows, 1);
     /* Each thread's sums start on their own cache lines (64 bytes): two threads writing one line (false sharing)
      * made two threads 3x slower than one. */
     int64_t stride = (c + 7) / 8 * 8;

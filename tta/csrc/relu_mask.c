@@ -3,8 +3,8 @@
  *
  * Why: to pass a gradient, a ReLU needs only where its output is not <= 0, but autograd saves the whole float
  * output, 32 bits per element; in a ResNet adapted by tent that is one activation map per convolution, about
- * half of the saved bytes (ResNet-20, batch 200: 288 MB saved, 148 MB with these bits). One bit per element is 1/32 of it. PyTorch's boolean ops would store 8 bits and are
- * slower than the float ops they replace on CPU (a boolean-masked backward took 6.7-23 ms against 3.1 ms for
+ * half of the saved bytes (ResNet-20, batch 200: 288 MB saved, 148 MB with these bits). One bit per element is
+ * 1/32 of it. PyTorch's boolean ops would store 8 bits and are slower than the float ops they replace on CPU (a boolean-masked backward took 6.7-23 ms against 3.1 ms for
  * threshold_backward at (200, 16, 32, 32)), so both directions are written here, as single memory-bound passes.
  *
  * Semantics, matching torch.relu and threshold_backward(grad, out, 0) bit for bit on everything but the sign of a
@@ -19,6 +19,8 @@
  */
 #include <stdint.h>
 #include <string.h>
+
+#include "common.h"
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(TTA_NO_TARGET_CLONES)
 #define TTA_HAVE_AVX2_PATH 1
@@ -98,20 +100,13 @@ static int have_avx2(void) {
 }
 #endif
 
-static int64_t thread_count(int64_t threads, int64_t bytes) {
-    int64_t most = bytes / 4096 > 0 ? bytes / 4096 : 1; /* at least 32768 elements per thread */
-    if (threads > most) threads = most;
-    if (threads > 64) threads = 64;
-    return threads < 1 ? 1 : threads;
-}
-
 /* One pass over elements [0, n), split between threads by byte of bits: the forward (bits written) or the backward
  * (bits read). `input` is x or grad. Streaming stores need 32-byte aligned destinations: every thread starts a
  * multiple of 32 bytes after `out`, so `out` itself must be aligned; the backward in place (out == grad) keeps
  * ordinary stores. */
 static void relu_pass(int backward, const float* input, float* out, uint8_t* bits, int64_t n, int64_t threads) {
     int64_t bytes = (n + 7) / 8, full = n / 8;
-    threads = thread_count(threads, bytes);
+    threads = tta_thread_count(threads, bytes, n, 32768); /* at least 32768 elements per thread */
 #ifdef TTA_HAVE_AVX2_PATH
     int avx2 = have_avx2();
     int stream = n * 4 >= STREAM_MIN_BYTES && ((uintptr_t)out % 32) == 0 && !(backward && out == input);
