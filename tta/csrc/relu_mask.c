@@ -4,8 +4,9 @@
  * Why: to pass a gradient, a ReLU needs only where its output is not <= 0, but autograd saves the whole float
  * output, 32 bits per element; in a ResNet adapted by tent that is one activation map per convolution, about
  * half of the saved bytes (ResNet-20, batch 200: 288 MB saved, 148 MB with these bits). One bit per element is
- * 1/32 of it. PyTorch's boolean ops would store 8 bits and are slower than the float ops they replace on CPU (a boolean-masked backward took 6.7-23 ms against 3.1 ms for
- * threshold_backward at (200, 16, 32, 32)), so both directions are written here, as single memory-bound passes.
+ * 1/32 of it. PyTorch's boolean ops would store 8 bits and are slower than the float ops they replace on CPU
+ * (a boolean-masked backward took 6.7-23 ms against 3.1 ms for threshold_backward at (200, 16, 32, 32)), so both
+ * directions are written here, as single memory-bound passes.
  *
  * Semantics, matching torch.relu and threshold_backward(grad, out, 0) bit for bit on everything but the sign of a
  * zero output: out = x where !(x <= 0) (x > 0 or NaN), else +0; bit k % 8 of bits[k / 8] is set where element k
