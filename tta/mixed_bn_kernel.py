@@ -85,25 +85,23 @@ def _mix(alpha: float, source: torch.Tensor | None, batch: torch.Tensor) -> torc
 def _native_affine_plus_scaled(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor,
                                s: torch.Tensor) -> torch.Tensor | None:
     """``a * x + b + s * g`` in one pass of the C kernel (``tta/csrc/affine_plus_scaled.c``): float32 CPU maps x and
-    g of one layout, contiguous (N, C, ...) or channels-last. None where it does not apply or is not built."""
+    g of one layout, in the layouts the statistics kernel takes (:func:`tta.native_moments.layout`: rows of at least
+    16 positions, or channels last). None where it does not apply or is not built."""
     lib = native.library()
-    if (lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or g.dtype != torch.float32
-            or x.dim() < 2 or x.numel() == 0 or g.shape != x.shape or g.stride() != x.stride()):
+    kind = native_moments.layout(x)
+    if lib is None or kind is None or x.dtype != torch.float32 or g.dtype != torch.float32 or g.shape != x.shape \
+            or g.stride() != x.stride():
         return None
     n, c = x.shape[:2]
     a, b, s = (v.to(torch.float32).contiguous() for v in (a, b, s))
     out = torch.empty_like(x)
     threads = torch.get_num_threads()
-    if x.dim() > 2 and x.is_contiguous():
-        if x.numel() // (n * c) < native_moments.MIN_ROW_LENGTH[torch.float32]:
-            return None  # rows of a few elements: PyTorch's broadcasting passes are faster than a call per row
+    if kind == "rows":
         lib.tta_affine_plus_scaled_f32(x.data_ptr(), g.data_ptr(), a.data_ptr(), b.data_ptr(), s.data_ptr(),
                                        out.data_ptr(), n, c, x.numel() // (n * c), threads)
-    elif x.movedim(1, -1).is_contiguous():  # channels-last, or a (N, C) batch: (positions, C) rows
+    else:  # channels last, or a (N, C) batch: (positions, C) rows
         lib.tta_affine_plus_scaled_cl_f32(x.data_ptr(), g.data_ptr(), a.data_ptr(), b.data_ptr(), s.data_ptr(),
                                           out.data_ptr(), x.numel() // c, c, threads)
-    else:
-        return None
     return out
 
 
