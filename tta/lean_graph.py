@@ -10,7 +10,7 @@ gradients for the BatchNorm parameters:
 - a ReLU needs only where its output is positive, which :mod:`tta.native_relu` keeps as one bit per element on
   CPU (float32), and a boolean map elsewhere (GPUs).
 
-Inside ``with lean_graph():`` (a ``TorchFunctionMode``) frozen convolutions and ReLUs are recorded that way; every
+Inside ``with LeanGraph():`` (a ``TorchFunctionMode``) frozen convolutions and ReLUs are recorded that way; every
 other operation is recorded as usual. The gradients are the same, bit for bit, as autograd's
 (``tests/test_tta_lean_graph.py``); tent on ResNet-20 at batch 200 keeps 148 MB for the backward pass instead of
 288 MB (``benchmarks/lean_graph.py``, docs/performance.md).
@@ -194,7 +194,3 @@ def outside_lean_graph() -> contextlib.AbstractContextManager:
         return pop()
     return contextlib.nullcontext()
 
-
-def lean_graph() -> LeanGraph:
-    """The mode as a context manager (see :class:`LeanGraph`)."""
-    return LeanGraph()
