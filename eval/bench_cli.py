@@ -91,7 +91,7 @@ def write_json(result: dict[str, Any], out: str | os.PathLike) -> Path:
     return path
 
 
-def _malloc_note(settings: dict[str, int] | None) -> str:
+def _malloc_note(settings: dict[str, int | float] | None) -> str:
     if not settings:
         return "glibc defaults (TTA_MALLOC=default, or not glibc)"
     return "retains freed memory (" + ", ".join(f"{k} {v}" for k, v in settings.items()) + ")"

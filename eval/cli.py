@@ -29,11 +29,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tta", description="Test-time adaptation and continual-learning runtime.",
-        epilog="Environment: TTA_MALLOC=default keeps glibc's own malloc thresholds (by default the tta commands make "
-               "malloc keep freed memory, which saves gradient methods ~26,000 page faults per batch on CPU: "
-               "tta/cpu_memory.py). TTA_NATIVE=0 uses PyTorch's ops instead of the one-pass C statistics kernel, which "
-               "is built with the system's C compiler on first use into TTA_CACHE_DIR (default ~/.cache/tta). "
-               "TTA_DEBUG=1 shows tracebacks.")
+        epilog="Environment: TTA_MALLOC chooses how freed CPU memory is kept (tta/cpu_memory.py): retain (default) "
+               "gives tensors of 1 MB and more a caching allocator (tta/tensor_cache.py: reused by size, no page "
+               "faults after the first batch, resident memory close to the bytes held) and makes glibc's malloc keep "
+               "the rest; glibc keeps glibc's malloc for all tensors, with those settings; default changes nothing. "
+               "TTA_NATIVE=0 uses PyTorch's ops and allocator instead of the C and C++ code built with the system's "
+               "compilers on first use into TTA_CACHE_DIR (default ~/.cache/tta). TTA_DEBUG=1 shows tracebacks.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -52,9 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    retain_freed_memory()  # before any model runs: see tta/cpu_memory.py (TTA_MALLOC=default turns it off)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
+        retain_freed_memory()  # before any model runs: see tta/cpu_memory.py (TTA_MALLOC chooses)
         return int(module.run(args) or 0)
     except (ValueError, FileNotFoundError) as error:
         # Errors we raise say what to do; a traceback adds nothing for a user (TTA_DEBUG=1 shows it).

@@ -1,4 +1,5 @@
-"""tta.cpu_memory: glibc keeps freed memory, so re-allocating a large freed buffer costs no page faults.
+"""tta.cpu_memory: freed memory is kept (the tensor cache for large tensors, glibc's heap for the rest), so
+re-allocating a large freed buffer costs no page faults.
 
 Each case runs in a fresh interpreter: malloc settings are process-wide and cannot be undone.
 """
@@ -43,14 +44,20 @@ def _probe(mode: str, **env: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+GLIBC_SETTINGS = {"mmap_threshold": 32 * 2**20, "trim_threshold": 2**31 - 1, "top_pad": 64 * 2**20}
+
+
 @pytest.mark.skipif(not GLIBC_LINUX, reason="glibc malloc settings apply on glibc Linux only")
-def test_retained_memory_is_reused_without_page_faults():
-    default, retained = _probe("default"), _probe("retain")
+@pytest.mark.parametrize("mode", ["retain", "glibc"])
+def test_retained_memory_is_reused_without_page_faults(mode):
+    default, retained = _probe("default"), _probe("retain", TTA_MALLOC=mode)
     assert default["applied"] is None
-    assert retained["applied"] == {"mmap_threshold": 32 * 2**20, "trim_threshold": 2**31 - 1, "top_pad": 64 * 2**20}
+    cache = {"tensor_cache_threshold": 2**20, "tensor_cache_max_ratio": 2.0} if mode == "retain" else {}
+    assert retained["applied"] == GLIBC_SETTINGS | cache
     # 200 MB is ~51,000 pages: glibc's defaults return the freed memory, so the second round faults them in again
-    # (later rounds vary with glibc's adaptive thresholds). Retained, a round reuses the same pages: in one round
-    # of ten or so a single 25 MB tensor (6,400 pages) still lands in fresh pages, never more.
+    # (later rounds vary with glibc's adaptive thresholds). Retained, a round reuses the same pages: in glibc's
+    # heap, in one round of ten or so a single 25 MB tensor (6,400 pages) still lands in fresh pages, never more;
+    # the tensor cache gives each tensor its block back.
     assert default["faults"][0] > 25_000
     assert statistics.median(retained["faults"]) < 1_000
     assert max(retained["faults"]) <= 6_400 + 1_000
@@ -61,6 +68,13 @@ def test_tta_malloc_default_turns_it_off():
     probe = _probe("retain", TTA_MALLOC="default")
     assert probe["applied"] is None
     assert probe["faults"][0] > 25_000
+
+
+def test_an_unknown_tta_malloc_is_refused():
+    code = "import tta; tta.retain_freed_memory()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "TTA_MALLOC": "jemalloc"})
+    assert done.returncode != 0 and "TTA_MALLOC='jemalloc': choose retain" in done.stderr
 
 
 def test_idempotent_and_reported():

@@ -49,15 +49,38 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
 
 
-def _build(compiler: str, target: Path, extra: tuple[str, ...]) -> None:
+def cached_library_path(compiler: str, inputs: tuple[Path, ...], flags: tuple[str, ...], stem: str,
+                        key: tuple[str, ...] = ()) -> Path:
+    """Where the library built from ``inputs`` is cached: :func:`cache_dir`, ``stem`` and a hash of every file in
+    ``inputs``, the compiler, the flags, the platform and ``key`` (what else the build depends on)."""
+    parts = [*(path.read_bytes() for path in inputs), compiler.encode(), " ".join(flags).encode(),
+             platform.machine().encode(), sys.platform.encode(), *(item.encode() for item in key)]
+    digest = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    return cache_dir() / f"{stem}-{digest}.so"
+
+
+def build_cached(compiler: str, sources: tuple[Path, ...], flags: tuple[str, ...], target: Path) -> Path:
+    """``target`` (a :func:`cached_library_path`), built from ``sources`` with ``compiler`` and ``flags`` unless it
+    exists; built into a per-process temporary directory when the cache is not writable. Returns the library's
+    path; raises OSError or ``subprocess.SubprocessError`` when the build fails."""
+    if not target.exists():
+        try:
+            _build(compiler, sources, flags, target)
+        except OSError:  # cache not writable: build into a per-process temporary directory
+            target = Path(tempfile.mkdtemp(prefix="tta-native-")) / target.name
+            _build(compiler, sources, flags, target)
+    return target
+
+
+def _build(compiler: str, sources: tuple[Path, ...], flags: tuple[str, ...], target: Path) -> None:
     """Compile into a unique temporary file next to ``target`` and rename it in place (atomic: safe when several
     processes build at once)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, *extra, *map(str, SOURCES), "-o", tmp, "-lm"], check=True,
-                       capture_output=True, text=True, timeout=120)
+        subprocess.run([compiler, *map(str, sources), *flags, "-o", tmp], check=True, capture_output=True, text=True,
+                       timeout=180)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -65,10 +88,7 @@ def _build(compiler: str, target: Path, extra: tuple[str, ...]) -> None:
 
 
 def _library_path(compiler: str, extra: tuple[str, ...]) -> Path:
-    parts = [*(path.read_bytes() for path in INPUTS), compiler.encode(), " ".join(FLAGS + extra).encode(),
-             platform.machine().encode(), sys.platform.encode()]
-    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    return cache_dir() / f"tta-kernels-{key}.so"
+    return cached_library_path(compiler, INPUTS, (*FLAGS, *extra, "-lm"), "tta-kernels")
 
 
 def _signatures() -> dict[str, tuple[list[type], type | None]]:
@@ -104,14 +124,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, "no C compiler found (set CC)"
     errors = []
     for extra in VARIANTS:
-        path = _library_path(compiler, extra)
         try:
-            if not path.exists():
-                try:
-                    _build(compiler, path, extra)
-                except OSError:  # cache not writable: build into a per-process temporary directory
-                    path = Path(tempfile.mkdtemp(prefix="tta-native-")) / path.name
-                    _build(compiler, path, extra)
+            path = build_cached(compiler, SOURCES, (*FLAGS, *extra, "-lm"), _library_path(compiler, extra))
             lib = ctypes.CDLL(str(path))
             _declare(lib)
         except (OSError, AttributeError, subprocess.SubprocessError) as error:  # AttributeError: a symbol missing
