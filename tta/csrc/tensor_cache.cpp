@@ -20,6 +20,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <iterator>
 #include <list>
@@ -38,7 +39,7 @@ struct FreeBlock {
 
 struct State {
     std::mutex mutex;
-    size_t threshold = size_t(1) << 20;
+    std::atomic<size_t> threshold{size_t(1) << 20};  // read without the mutex by every allocation
     double max_cached_ratio = 2.0;
     std::unordered_map<void*, size_t> mapped;  // every block this allocator mapped -> its size
     std::list<FreeBlock> free_blocks;          // free blocks, least recently freed first
@@ -117,7 +118,7 @@ struct TensorCacheAllocator final : c10::Allocator {
     c10::DataPtr allocate(size_t nbytes) override {
         State& s = state();
         void* ptr = nullptr;
-        if (nbytes >= s.threshold) {
+        if (nbytes >= s.threshold.load(std::memory_order_relaxed)) {
             size_t size = (nbytes + kPage - 1) / kPage * kPage;
             std::lock_guard<std::mutex> lock(s.mutex);
             ptr = take_large(s, size);
@@ -156,7 +157,7 @@ int tta_tensor_cache_install(int64_t threshold, double max_cached_ratio) {
     State& s = state();
     {
         std::lock_guard<std::mutex> lock(s.mutex);
-        s.threshold = size_t(std::max<int64_t>(threshold, 1));
+        s.threshold.store(size_t(std::max<int64_t>(threshold, 1)));
         s.max_cached_ratio = max_cached_ratio;
         if (!fork_handlers) fork_handlers = pthread_atfork(lock_for_fork, unlock_after_fork, unlock_after_fork) == 0;
     }
