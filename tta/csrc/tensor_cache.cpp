@@ -139,7 +139,8 @@ struct TensorCacheAllocator final : c10::Allocator {
     }
 };
 
-TensorCacheAllocator allocator;
+// Never destroyed, like the state: PyTorch may still allocate or free during interpreter exit.
+TensorCacheAllocator& allocator = *new TensorCacheAllocator();
 c10::Allocator* previous = nullptr;
 constexpr uint8_t kPriority = 1;  // above the default CPU allocator's registration (0)
 
