@@ -9,7 +9,8 @@ The library is built with the system's C compiler on first use (0.1-0.5 s) into 
 (``TTA_CACHE_DIR``, else ``$XDG_CACHE_HOME/tta``, else ``~/.cache/tta``), keyed by a hash of its sources, compiler
 and flags, and loaded with ``ctypes``. Everything here is optional: without a C compiler, on an unsupported
 platform, or with ``TTA_NATIVE=0`` in the environment, :func:`library` returns None and the callers use PyTorch's
-ops instead. :func:`status` says which is in use and why.
+ops instead. :func:`status` says which is in use and why. The cached build (:func:`cached_library_path`,
+:func:`build_cached`) also builds the C++ tensor cache of :mod:`tta.tensor_cache`.
 """
 from __future__ import annotations
 
