@@ -10,9 +10,9 @@ touches them again page by page: about 26,000 page faults (100 MB zeroed by the 
 :func:`retain_freed_memory` does two things, once per process:
 
 - Tensors of 1 MB and more get the caching allocator of :mod:`tta.tensor_cache`: each its own mapping, kept when
-  freed for the next tensor of its size, as PyTorch's CUDA caching allocator does on a GPU. No page faults after the
-  first batch, and the resident memory follows the bytes held (under glibc alone the heap's holes made tent's
-  resident memory about twice its tensors' bytes; docs/performance.md).
+  freed for the next tensor of its size class, as PyTorch's CUDA caching allocator does on a GPU. No page faults
+  after the first batch, and the resident memory follows the bytes held (under glibc alone the heap's holes made
+  tent's resident memory about twice its tensors' bytes; docs/performance.md).
 - glibc's thresholds are fixed with ``mallopt`` (allocations up to 32 MB from the heap, never trimmed), for
   everything the caching allocator does not take, or all tensors where it cannot be built.
 

@@ -3,12 +3,13 @@
 Why: a gradient method's step allocates and frees the same large activations every batch. Under glibc's malloc
 those land in holes of one heap, split and merged as sizes come and go, so the resident memory of a step (RSS)
 grows well past the bytes it holds at any moment: tent on ResNet-20 at batch 200 peaks at 182 MB of tensors but
-about 390 MB of RSS (docs/performance.md). Here each tensor of at least ``threshold_bytes`` is its own page-rounded
-mapping, and a freed one is kept for the next tensor of exactly its size, as PyTorch's CUDA caching allocator keeps
-GPU blocks. A step with fixed shapes then reuses its blocks from the second batch on (no page faults) and its RSS
-is about the bytes it holds.
+about 390 MB of RSS (docs/performance.md). Here each tensor of at least ``threshold_bytes`` is its own mapping of
+its size class (whole pages, at most 12.5 % over the request; the pages past the request are never touched), and a
+freed one is kept for the next tensor of its class, as PyTorch's CUDA caching allocator keeps GPU blocks. A step
+with fixed shapes then reuses its blocks from the second batch on (no page faults) and its RSS is about the bytes
+it holds.
 
-Bounded: when a tensor finds no free block of its size, free blocks are unmapped (least recently freed first)
+Bounded: when a tensor finds no free block of its class, free blocks are unmapped (least recently freed first)
 until mapped memory would stay within ``max_cached_ratio`` times the most live bytes ever held.
 :func:`release` unmaps every free block (``torch.cuda.empty_cache()``'s counterpart).
 

@@ -3,12 +3,13 @@
 // Why: glibc places a freed 13 MB activation in a hole of its heap and later splits that hole for other sizes, so
 // the pages a training step touches (its resident memory) grow well past the bytes it holds at any moment, and
 // giving the pages back makes the next step fault them in again (tta/cpu_memory.py). Here every allocation of at
-// least `threshold` bytes is its own mapping (mmap), rounded up to whole pages, and a freed one waits in a list of
-// blocks of exactly its size until a tensor of that size asks again; PyTorch's CUDA caching allocator does the same
-// on a GPU. A repeating step (the same shapes every batch) then touches no fresh pages after its first batch and
-// holds about the sum, over the sizes it uses, of the most blocks of that size alive at once.
+// least `threshold` bytes is its own mapping (mmap) of its size class (size_class: whole pages, at most 12.5 %
+// over the request), and a freed one waits in a list of blocks of its class until a tensor of that class asks
+// again; PyTorch's CUDA caching allocator does the same on a GPU. A repeating step (the same shapes every batch)
+// then touches no fresh pages after its first batch and holds about the sum, over the size classes it uses, of the
+// most blocks of that class alive at once.
 //
-// Bounds: when an allocation finds no free block of its size, free blocks are unmapped, least recently freed
+// Bounds: when an allocation finds no free block of its class, free blocks are unmapped, least recently freed
 // first, until mapped memory (live + cached) plus the new block is at most `max_cached_ratio` times the most live
 // bytes ever held at once (so a change of shapes does not keep the old sizes forever). tta_tensor_cache_release
 // unmaps every free block (as torch.cuda.empty_cache()). Smaller allocations go to c10::alloc_cpu as before.
@@ -54,6 +55,16 @@ State& state() {
 }
 
 enum { LIVE, CACHED, PEAK, MAPS, UNMAPS, HITS };
+
+// The block size for a request: rounded up to whole pages and to an eighth of the request's power of two (at most
+// 12.5 % more address space; pages past the request are never touched, so they cost no resident memory), so that
+// tensors of nearby sizes (a batch of another size, say) share blocks instead of each mapping its own.
+size_t size_class(size_t nbytes) {
+    size_t step = kPage;
+    int top = 63 - __builtin_clzll((unsigned long long)nbytes);  // floor(log2(nbytes)); nbytes >= 1
+    if (top - 3 > 12) step = size_t(1) << (top - 3);
+    return (nbytes + step - 1) / step * step;
+}
 
 void unmap_oldest_free(State& s) {  // caller holds the mutex; free_blocks is not empty
     FreeBlock block = s.free_blocks.front();
@@ -119,7 +130,7 @@ struct TensorCacheAllocator final : c10::Allocator {
         State& s = state();
         void* ptr = nullptr;
         if (nbytes >= s.threshold.load(std::memory_order_relaxed)) {
-            size_t size = (nbytes + kPage - 1) / kPage * kPage;
+            size_t size = size_class(nbytes);
             std::lock_guard<std::mutex> lock(s.mutex);
             ptr = take_large(s, size);
             if (ptr != nullptr) {
