@@ -126,6 +126,21 @@ if pid == 0:
         os._exit(2)
 out["fork_child_status"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
+# tent on a small network, fixed shapes: after the first two batches every large tensor reuses a block (2 MiB maps)
+import tta
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                          torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                          torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
+adapted = tta.adapt(net, "tent")
+batch = torch.rand(32, 3, 32, 32)
+for _ in range(2):
+    adapted(batch)
+before = tc.counters()
+for _ in range(3):
+    adapted(batch)
+out["tent_steady"] = delta(before)
+del adapted, net, batch
+
 # uninstall: new tensors are malloc's again; a cached-allocator tensor freed afterwards is still handled
 before = tc.counters()
 out["uninstalled"] = tc.uninstall() and not tc.installed()
@@ -185,6 +200,14 @@ def test_threads_return_every_block(probe):
 @needs_linux_cxx
 def test_a_forked_child_allocates(probe):
     assert probe["fork_child_status"] == 0
+
+
+@needs_linux_cxx
+def test_a_repeated_tent_step_reuses_its_blocks(probe):
+    """No block mapped or unmapped in three steady steps (no page faults); each step reuses its 2 MiB maps."""
+    steady = probe["tent_steady"]
+    assert steady["blocks_mapped"] == 0 and steady["blocks_unmapped"] == 0
+    assert steady["reuses"] >= 3 * 4  # at least the two convolutions' outputs and the two BatchNorm outputs
 
 
 @needs_linux_cxx
