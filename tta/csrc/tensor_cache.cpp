@@ -1,4 +1,4 @@
-// A caching allocator for large CPU tensors: PyTorch's CPU allocator with freed blocks kept for reuse, by size.
+// A caching allocator for large CPU tensors: PyTorch's CPU allocator with freed blocks kept for reuse, by size class.
 //
 // Why: glibc places a freed 13 MB activation in a hole of its heap and later splits that hole for other sizes, so
 // the pages a training step touches (its resident memory) grow well past the bytes it holds at any moment, and
