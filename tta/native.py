@@ -46,8 +46,20 @@ def cache_dir() -> Path:
     return Path(base) / "tta"
 
 
+def find_compiler(variable: str = "CC", names: tuple[str, ...] = ("cc", "gcc", "clang")) -> str | None:
+    """The compiler named by the environment ``variable``, else the first of ``names`` on the PATH."""
+    return shutil.which(os.environ.get(variable, names[0])) or next(
+        (path for path in map(shutil.which, names[1:]) if path), None)
+
+
 def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    return find_compiler()
+
+
+def build_error(error: Exception) -> str:
+    """The last line of a failed build's compiler output (or of the error), to say why a library is not used."""
+    detail = (getattr(error, "stderr", None) or str(error)).strip()
+    return detail.splitlines()[-1] if detail else type(error).__name__
 
 
 def cached_library_path(compiler: str, inputs: tuple[Path, ...], flags: tuple[str, ...], stem: str,
@@ -130,8 +142,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             lib = ctypes.CDLL(str(path))
             _declare(lib)
         except (OSError, AttributeError, subprocess.SubprocessError) as error:  # AttributeError: a symbol missing
-            detail = getattr(error, "stderr", None) or str(error)
-            errors.append(detail.strip().splitlines()[-1] if detail.strip() else type(error).__name__)
+            errors.append(build_error(error))
             continue
         return lib, str(path)
     return None, "build failed: " + "; ".join(errors)

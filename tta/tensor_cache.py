@@ -22,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,10 +40,6 @@ _loaded = False
 _COUNTERS = ("live_bytes", "cached_bytes", "peak_live_bytes", "blocks_mapped", "blocks_unmapped", "reuses")
 
 
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
-
-
 def _flags() -> tuple[str, ...]:
     """Compile against the running PyTorch's headers and ``libc10`` with its C++ ABI."""
     root = Path(torch.__file__).parent
@@ -60,7 +55,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, "disabled (TTA_NATIVE=0)"
     if not sys.platform.startswith("linux"):
         return None, f"Linux only (this is {sys.platform})"
-    compiler = _compiler()
+    compiler = native.find_compiler("CXX", ("c++", "g++", "clang++"))
     if compiler is None:
         return None, "no C++ compiler found (set CXX)"
     flags = _flags()
@@ -75,8 +70,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         lib.tta_tensor_cache_counters.argtypes, lib.tta_tensor_cache_counters.restype = [ctypes.c_void_p], None
         lib.tta_tensor_cache_release.argtypes, lib.tta_tensor_cache_release.restype = [], ctypes.c_int64
     except (OSError, AttributeError, subprocess.SubprocessError) as error:
-        detail = (getattr(error, "stderr", None) or str(error) or type(error).__name__).strip()
-        return None, "build failed: " + (detail.splitlines()[-1] if detail else type(error).__name__)
+        return None, "build failed: " + native.build_error(error)
     return lib, str(path)
 
 
