@@ -30,7 +30,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tta", description="Test-time adaptation and continual-learning runtime.",
         epilog="Environment: TTA_MALLOC chooses how freed CPU memory is kept (tta/cpu_memory.py): retain (default) "
-               "gives tensors of 1 MB and more a caching allocator (tta/tensor_cache.py: reused by size, no page "
+               "gives tensors of 1 MB and more a caching allocator (tta/tensor_cache.py: reused by size class, no page "
                "faults after the first batch, resident memory close to the bytes held) and makes glibc's malloc keep "
                "the rest; glibc keeps glibc's malloc for all tensors, with those settings; default changes nothing. "
                "TTA_NATIVE=0 uses PyTorch's ops and allocator instead of the C and C++ code built with the system's "
