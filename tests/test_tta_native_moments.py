@@ -189,7 +189,7 @@ def test_build_is_cached_and_survives_an_unwritable_cache(monkeypatch, fresh_bui
 @needs_compiler
 def test_a_cached_library_without_the_entry_points_is_not_used(fresh_build, tmp_path):
     """A stale or foreign file at the cache path (here a library with other symbols) is skipped, not called."""
-    compiler = native._compiler()
+    compiler = native.find_compiler()
     stale = native._library_path(compiler, native.VARIANTS[0])
     stale.parent.mkdir(parents=True)
     source = tmp_path / "other.c"

@@ -52,10 +52,6 @@ def find_compiler(variable: str = "CC", names: tuple[str, ...] = ("cc", "gcc", "
         (path for path in map(shutil.which, names[1:]) if path), None)
 
 
-def _compiler() -> str | None:
-    return find_compiler()
-
-
 def build_error(error: Exception) -> str:
     """The last line of a failed build's compiler output (or of the error), to say why a library is not used."""
     detail = (getattr(error, "stderr", None) or str(error)).strip()
@@ -118,9 +114,10 @@ def _signatures() -> dict[str, tuple[list[type], type | None]]:
     return signatures
 
 
-def _declare(lib: ctypes.CDLL) -> None:
-    """Declare every entry point's types; a missing one raises AttributeError (a stale or foreign library)."""
-    for name, (argtypes, restype) in _signatures().items():
+def declare(lib: ctypes.CDLL, signatures: dict[str, tuple[list[type], type | None]]) -> None:
+    """Declare the types of every entry point in ``signatures``; a missing one raises AttributeError (a stale or
+    foreign library)."""
+    for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
         function.argtypes, function.restype = argtypes, restype
 
@@ -132,7 +129,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, "disabled (TTA_NATIVE=0)"
     if not sys.platform.startswith(("linux", "darwin")):
         return None, f"not built on {sys.platform}"
-    compiler = _compiler()
+    compiler = find_compiler()
     if compiler is None:
         return None, "no C compiler found (set CC)"
     errors = []
@@ -140,7 +137,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         try:
             path = build_cached(compiler, SOURCES, (*FLAGS, *extra, "-lm"), _library_path(compiler, extra))
             lib = ctypes.CDLL(str(path))
-            _declare(lib)
+            declare(lib, _signatures())
         except (OSError, AttributeError, subprocess.SubprocessError) as error:  # AttributeError: a symbol missing
             errors.append(build_error(error))
             continue

@@ -37,6 +37,14 @@ DEFAULT_THRESHOLD_BYTES = 1 << 20
 DEFAULT_MAX_CACHED_RATIO = 2.0
 #: Whether :func:`install` has loaded the library in this process (the other calls never build it themselves).
 _loaded = False
+#: Every entry point of the library with its argument and result types.
+SIGNATURES: dict[str, tuple[list[type], type | None]] = {
+    "tta_tensor_cache_install": ([ctypes.c_int64, ctypes.c_double], ctypes.c_int),
+    "tta_tensor_cache_uninstall": ([], ctypes.c_int),
+    "tta_tensor_cache_installed": ([], ctypes.c_int),
+    "tta_tensor_cache_counters": ([ctypes.c_void_p], None),
+    "tta_tensor_cache_release": ([], ctypes.c_int64),
+}
 _COUNTERS = ("live_bytes", "cached_bytes", "peak_live_bytes", "blocks_mapped", "blocks_unmapped", "reuses")
 
 
@@ -63,12 +71,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         target = native.cached_library_path(compiler, (SOURCE,), flags, "tta-tensor-cache", (torch.__version__,))
         path = native.build_cached(compiler, (SOURCE,), flags, target)
         lib = ctypes.CDLL(str(path))
-        lib.tta_tensor_cache_install.argtypes, lib.tta_tensor_cache_install.restype = [ctypes.c_int64,
-                                                                                       ctypes.c_double], ctypes.c_int
-        for name in ("tta_tensor_cache_uninstall", "tta_tensor_cache_installed"):
-            getattr(lib, name).argtypes, getattr(lib, name).restype = [], ctypes.c_int
-        lib.tta_tensor_cache_counters.argtypes, lib.tta_tensor_cache_counters.restype = [ctypes.c_void_p], None
-        lib.tta_tensor_cache_release.argtypes, lib.tta_tensor_cache_release.restype = [], ctypes.c_int64
+        native.declare(lib, SIGNATURES)
     except (OSError, AttributeError, subprocess.SubprocessError) as error:
         return None, "build failed: " + native.build_error(error)
     return lib, str(path)
