@@ -12,9 +12,10 @@ from eval.records import write_json_atomic as write_json  # noqa: F401  (re-expo
 from eval.records import write_text_atomic as write_text  # noqa: F401
 
 
-def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Append one fsynced JSON line (:class:`eval.records.ResultsLog`: one results-log mechanism for the project)."""
-    ResultsLog(path).append(record)
+def append_record(path: str | os.PathLike, record: dict[str, Any], *, kill_points_here: bool = False) -> None:
+    """Append one fsynced JSON line (:class:`eval.records.ResultsLog`: one results-log mechanism for the project;
+    ``kill_points_here`` as there)."""
+    ResultsLog(path).append(record, kill_points_here=kill_points_here)
 
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:

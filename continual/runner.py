@@ -33,6 +33,7 @@ from continual.nmc import ForwardFeatures, NMCClassifier, NMCStrategy, feature_d
 from continual.records import append_record, load_checkpoint, read_records, save_checkpoint, write_json
 from continual.replay import JointReplay
 from continual.schedules import LRSchedulePlugin, make_schedule
+from eval import kill_points
 from eval.records import remove_with_temporaries
 
 
@@ -269,7 +270,8 @@ def run_seed(config: ContinualConfig, seed: int, out_dir: str | Path, progress: 
         history.append(record)
         save_checkpoint(checkpoint, {"experience": i, "records": history, "state": _state_of(strategy, stateful),
                                      "identity": _jsonable(config.identity())})
-        append_record(results, record)
+        kill_points.reached("checkpoint")
+        append_record(results, record, kill_points_here=True)
         append_record(timings, timing)  # kept apart, so results.jsonl is the same bytes on every run
         written.append(record)
         bar.update(1)

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable
 
+from eval import kill_points
+
 
 class ResultsLog:
     """Append-only JSON-lines file of result records."""
@@ -46,18 +48,28 @@ class ResultsLog:
             with open(self.path, "r+b") as f:
                 f.truncate(data.rfind(b"\n") + 1)
 
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any], *, kill_points_here: bool = False) -> None:
+        """Append one record durably. ``kill_points_here``: this append is a result record, whose write the
+        crash tests may interrupt (:mod:`eval.kill_points`: ``torn_record`` halfway, ``record`` after it)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._cut_incomplete_tail()
-        line = json.dumps(record, sort_keys=True, allow_nan=True) + "\n"
+        line = (json.dumps(record, sort_keys=True, allow_nan=True) + "\n").encode()
         with open(self.path, "ab") as f:
-            f.write(line.encode())
-            f.flush()
-            os.fsync(f.fileno())
+            if kill_points_here:
+                kill_points.reached("torn_record", before_kill=lambda: _write_synced(f, line[: len(line) // 2]))
+            _write_synced(f, line)
+        if kill_points_here:
+            kill_points.reached("record")
 
     def extend(self, records: Iterable[dict[str, Any]]) -> None:
         for record in records:
             self.append(record)
+
+
+def _write_synced(handle: BinaryIO, data: bytes) -> None:
+    handle.write(data)
+    handle.flush()
+    os.fsync(handle.fileno())
 
 
 def _umask() -> int:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from eval import kill_points
 from eval.metrics import CalibrationBins, online_error_curve
 from eval.records import ResultsLog, remove_with_temporaries, replace_atomically
 from streams.prefetch import prefetch
@@ -148,10 +149,11 @@ def run_methods(runs: list[MethodRun], stream, log: ResultsLog, *, context: dict
             position[label] = s
             if s + 1 < len(segments) and not segments[s + 1].reset_before:
                 _save_checkpoint(_checkpoint_path(checkpoint_dir, label), s, active[label])
+                kill_points.reached("checkpoint")
             record = _record(by_label[label], stream, s, result, context)
             if hasattr(active[label], "resets"):
                 record["guard_resets"] = active[label].resets
-            log.append(record)
+            log.append(record, kill_points_here=True)
             n = sum(result.sizes)
             timings.append({"method": label, "protocol": context.get("protocol"), "segment": s,
                             "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 1) if seconds else None})

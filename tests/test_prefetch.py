@@ -3,7 +3,6 @@ thread stopped when the loop ends early, and runner results that do not depend o
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -26,17 +25,35 @@ def test_same_items_in_the_same_order(depth):
 
 
 def test_items_are_made_ahead_while_the_consumer_works():
-    made: list[float] = []
+    """While the consumer holds the first item, the producer makes items 1 and 2 (the queue's depth) without being
+    asked; the wait only bounds a failure, it is not a timing assumption."""
+    made: list[int] = []
+    second_made = threading.Event()
 
-    def slow_items():
+    def items():
         for i in range(4):
-            made.append(time.perf_counter())
+            made.append(i)
+            if i == 2:
+                second_made.set()
             yield i
 
-    iterator = prefetch(slow_items(), depth=2)
+    iterator = prefetch(items(), depth=2)
     first = next(iterator)
-    time.sleep(0.3)  # the consumer "adapts" on the first batch; the producer fills the queue meanwhile
-    assert first == 0 and len(made) >= 3  # items 1 and 2 were made before they were asked for
+    assert second_made.wait(timeout=60), "items 1 and 2 were not made ahead"
+    assert first == 0 and made[:3] == [0, 1, 2]
+    assert list(iterator) == [1, 2, 3]
+
+
+def test_without_depth_nothing_is_made_ahead():
+    made: list[int] = []
+
+    def items():
+        for i in range(4):
+            made.append(i)
+            yield i
+
+    iterator = prefetch(items(), depth=0)
+    assert next(iterator) == 0 and made == [0]
     assert list(iterator) == [1, 2, 3]
 
 
@@ -70,10 +87,9 @@ def test_leaving_the_loop_early_stops_the_thread():
     iterator = prefetch(endless(), depth=2)
     assert next(iterator) == 0
     iterator.close()
-    assert not _prefetch_threads()  # joined
+    assert not _prefetch_threads()  # joined: nothing can be made after the consumer left
     count = len(produced)
-    time.sleep(0.2)
-    assert len(produced) == count  # nothing made after the consumer left
+    assert count <= 4  # the first item, the queue's 2, and at most one being made when the consumer left
     with pytest.raises(ValueError, match="depth"):
         next(prefetch(range(3), -1))
 
