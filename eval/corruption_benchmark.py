@@ -66,6 +66,7 @@ class BenchmarkConfig:
     progress: bool = True
     prefetch: int | None = None  # batches made ahead in a thread (0: in the loop; None: 2 on CUDA, 0 on CPU)
     deterministic: bool = False  # recorded only: eval.determinism.enable_deterministic is process-wide
+    corrupt_device: str | None = None  # where batches are made and corrupted (None: ``device``)
 
 
 def _check_same_run(path: Path, config: BenchmarkConfig, resolved: dict[str, dict[str, Any]]) -> None:
@@ -126,7 +127,7 @@ def build_stream(config: BenchmarkConfig):
     protocol = streams.make_protocol(config.protocol, corruptions=config.corruptions, severity=config.severity,
                                      batch_size=config.batch_size, seed=config.seed, n_images=config.n_images,
                                      delta=config.delta)
-    return streams.make_stream(clean, protocol)
+    return streams.make_stream(clean, protocol, device=config.corrupt_device or config.device)
 
 
 def _fresh_copy(model: nn.Module, config: "BenchmarkConfig") -> Callable[[], nn.Module]:

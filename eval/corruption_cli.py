@@ -59,6 +59,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic algorithms (cuDNN, cuBLAS); CPU runs are deterministic without it; "
                              "see eval/determinism.py for what it covers on GPU")
+    parser.add_argument("--corrupt-device", default=None,
+                        help="where batches are made and corrupted (default: --device; e.g. cpu to keep the "
+                             "corruption generator off the GPU)")
     add_method_options(parser)
 
 
@@ -87,7 +90,8 @@ def config_from_args(args: argparse.Namespace, **overrides) -> BenchmarkConfig:
         device=args.device, source_split=args.source_split, source_images=args.source_images,
         baseline=getattr(args, "baseline", None), progress=not args.no_progress, prefetch=args.prefetch,
         guard=args.collapse_guard, guard_window=args.guard_window, guard_min_entropy=args.guard_min_entropy,
-        deterministic=getattr(args, "deterministic", False), **overrides)
+        deterministic=getattr(args, "deterministic", False), corrupt_device=getattr(args, "corrupt_device", None),
+        **overrides)
 
 
 def print_tables(tables, out: str) -> None:

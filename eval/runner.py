@@ -74,7 +74,10 @@ class _SegmentResult:
 
 
 def _pinned(batch):
-    """The batch with its images in page-locked memory (CUDA copies from there can be asynchronous)."""
+    """The batch with its images in page-locked memory (CUDA copies from there can be asynchronous); a batch
+    made on the GPU stays where it is."""
+    if batch.x.device.type != "cpu":
+        return batch
     return dataclasses.replace(batch, x=batch.x.pin_memory())
 
 

@@ -76,8 +76,9 @@ class Stream:
     """Batches of a protocol over data; build it with :func:`make_stream`."""
 
     def __init__(self, data: Union[AnyImageDataset, Mapping[str, AnyImageDataset]], protocol: Protocol,
-                 corrupt_fn: CorruptFn | None = None) -> None:
+                 corrupt_fn: CorruptFn | None = None, device: torch.device | str = "cpu") -> None:
         self.protocol = protocol
+        self.device = torch.device(device)  # where batches are made (and corrupted); labels stay on the CPU
         self.domains: tuple[Domain, ...] = protocol.domains
         built = _build_segments(protocol)
         self.segments: list[Segment] = [segment for segment, _ in built]
@@ -179,7 +180,7 @@ class Stream:
         for d in present:
             rows = np.flatnonzero(domain_of == d) if len(present) > 1 else np.arange(len(index))
             images, labels = self._sources[d].get_batch(torch.from_numpy(index[rows]))
-            x = images.to(torch.float32).div_(255.0)
+            x = images.to(self.device).to(torch.float32).div_(255.0)
             domain = self.domains[d]
             if domain.corruption is not None:
                 x = self._corrupt()(x, domain.corruption, domain.severity, seed=self.corruption_seed(d, number))
@@ -190,10 +191,10 @@ class Stream:
         if len(parts) == 1:
             _, x, y = parts[0]
         else:
-            x = torch.empty((len(index),) + tuple(parts[0][1].shape[1:]), dtype=torch.float32)
+            x = torch.empty((len(index),) + tuple(parts[0][1].shape[1:]), dtype=torch.float32, device=self.device)
             y = torch.empty(len(index), dtype=torch.int64)
             for rows, part, labels in parts:
-                x[torch.from_numpy(rows)] = part
+                x[torch.from_numpy(rows).to(self.device)] = part
                 y[torch.from_numpy(rows)] = labels
         return Batch(x.contiguous(), y, torch.from_numpy(domain_of.astype(np.int64)), segment, number)
 
@@ -206,9 +207,11 @@ class Stream:
 
 
 def make_stream(data: Union[AnyImageDataset, Mapping[str, AnyImageDataset]], protocol: Protocol,
-                corrupt_fn: CorruptFn | None = None) -> Stream:
+                corrupt_fn: CorruptFn | None = None, device: torch.device | str = "cpu") -> Stream:
     """Join data and a protocol. ``data``: the clean dataset (every domain corrupted on the fly), or a dict of
     datasets keyed by domain name (real domains, or pre-corrupted sets such as CIFAR-10-C loaded with
     ``load_cifar_c``), with the clean data under ``"clean"`` for domains corrupted on the fly. ``corrupt_fn``
-    replaces ``streams.corrupt`` (same signature)."""
-    return Stream(data, protocol, corrupt_fn)
+    replaces ``streams.corrupt`` (same signature). ``device``: where batches are made, the corruption generator
+    included (e.g. ``"cuda"``: decoded images are copied there as uint8 and corrupted there; the results match the
+    CPU's to the tolerances of ``tests/test_corruptions.py``)."""
+    return Stream(data, protocol, corrupt_fn, device)

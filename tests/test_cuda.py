@@ -1,0 +1,93 @@
+"""The GPU path: every method, the stream with its corruption generator, the corruption runner and `tta bench`
+on CUDA, checked against the CPU. Skipped without a CUDA device (`benchmarks/gpu_check.sh` runs them on one)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import streams
+import tta
+from tests.tta_nets import conv_net
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def _options(method: str, model: torch.nn.Module, x: torch.Tensor, device: str) -> dict:
+    if method != "cafa":
+        return {}
+    y = torch.arange(len(x)) % 4
+    return {"source_stats": tta.source_stats(model.to(device), [(x.to(device), y.to(device))])}
+
+
+def _state(adapted: tta.Adapted) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in adapted.state_dict().items() if torch.is_tensor(v)}
+
+
+@pytest.mark.parametrize("method", tta.methods())
+def test_every_method_on_cuda_matches_the_cpu_and_resets_exactly(method):
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(16, 3, 12, 12, generator=g) for _ in range(3)]
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        model = conv_net().to(device)
+        adapted = tta.adapt(model, method, **_options(method, conv_net(), batches[0], device))
+        before = _state(adapted)
+        outputs[device] = [adapted(x.to(device)).detach().cpu() for x in batches]
+        if device == "cuda":
+            adapted.reset()
+            after = _state(adapted)
+            assert before.keys() == after.keys()
+            assert all(torch.equal(before[k], after[k]) for k in before), "reset is not exact on CUDA"
+            again = adapted(batches[0].cuda()).detach().cpu()
+            assert torch.equal(again, outputs["cuda"][0])  # same input, same state: same output on the same GPU
+    for cpu, gpu in zip(outputs["cpu"], outputs["cuda"]):
+        assert torch.allclose(cpu, gpu, atol=2e-4, rtol=1e-4), (cpu - gpu).abs().max()
+
+
+def test_stream_made_on_cuda_matches_the_cpu_stream():
+    data = streams.load_digits(split="test")
+    protocol = streams.make_protocol("mixed", corruptions=["gaussian_noise", "fog", "pixelate"], severity=3,
+                                     batch_size=32, seed=0, n_images=64)
+    cpu = list(streams.make_stream(data, protocol).batches(0))
+    gpu = list(streams.make_stream(data, protocol, device="cuda").batches(0))
+    assert len(cpu) == len(gpu) > 1
+    for a, b in zip(cpu, gpu):
+        assert b.x.device.type == "cuda" and b.y.device.type == "cpu"
+        assert torch.equal(a.y, b.y) and torch.equal(a.domain_index, b.domain_index)
+        assert (a.x - b.x.cpu()).abs().max() <= 1e-4
+
+
+def test_corruption_run_on_cuda_gives_the_cpu_errors(tmp_path):
+    from eval.corruption_benchmark import BenchmarkConfig, run_benchmark
+    from eval.records import ResultsLog
+
+    from eval.demo import digits_cnn
+
+    torch.manual_seed(0)
+    model = digits_cnn()
+    errors = {}
+    for run, device in enumerate(("cpu", "cuda")):
+        config = BenchmarkConfig(out=str(tmp_path / f"run{run}"), model="digits_cnn", data="digits",
+                                 methods=["source", "norm", "tent"], corruptions=["gaussian_noise", "contrast"],
+                                 severity=3, batch_size=64, n_images=128, device=device, progress=False)
+        run_benchmark(config, model=model)
+        errors[run] = {(r["method"], r["corruption"]): r["error"]
+                       for r in ResultsLog(tmp_path / f"run{run}" / "results.jsonl").read()}
+    assert errors[0].keys() == errors[1].keys() and len(errors[0]) == 6
+    for key, error in errors[0].items():
+        assert abs(error - errors[1][key]) <= 100 * 2 / 128, key  # at most two of 128 predictions differ
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_bench_on_cuda_measures_every_row(amp):
+    from eval.bench import BenchConfig, run_bench
+
+    config = BenchConfig(model="cifar10_resnet20", methods=["all"], batch_size=32, device="cuda", amp=amp,
+                         repeats=2, warmup=1, memory="inprocess")
+    result = run_bench(config, log=lambda line: None)
+    rows = {r["method"]: r for r in result["records"]}
+    assert not [m for m, r in rows.items() if r["error"]], {m: r["error"] for m, r in rows.items()}
+    for name in tta.methods():
+        assert rows[name]["ms_per_batch"] > 0 and rows[name]["peak_memory_mb"] > 0
