@@ -23,7 +23,37 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "continual": ("continual.cli", "run continual-learning task streams (AdaB2N, NaP, NMC) on Avalanche"),
     "make-c": ("streams.write_c", "write a CIFAR-10-C-layout folder of corrupted images from a dataset"),
     "bench": ("eval.bench_cli", "throughput and memory of each method against plain inference"),
+    "methods": ("eval.methods_cli", "the registered methods (what each updates and needs); NAME: its options"),
 }
+
+
+PLUGIN_GROUP = "tta.methods"  # entry-point group of installed packages that register methods
+
+
+def plugin_modules(argv: Sequence[str]) -> list[str]:
+    """The modules named by ``--plugin MODULE`` / ``--plugin=MODULE`` anywhere in ``argv``."""
+    modules = []
+    for i, arg in enumerate(argv):
+        if arg == "--plugin" and i + 1 < len(argv):
+            modules.append(argv[i + 1])
+        elif arg.startswith("--plugin="):
+            modules.append(arg.split("=", 1)[1])
+    return modules
+
+
+def load_plugins(modules: Sequence[str]) -> None:
+    """Import the methods of installed packages (entry points of group ``tta.methods``), then ``modules``: their
+    ``@tta.register`` methods then exist for the options, the help and the run."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=PLUGIN_GROUP):
+        entry.load()
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ValueError(f"--plugin {module}: cannot import it ({error}); give an importable module name "
+                             "(on PYTHONPATH or installed), e.g. --plugin my_methods") from error
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -38,6 +68,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                                help="import MODULE first: a module that registers methods with @tta.register "
+                                     "(repeatable); installed packages can also declare a 'tta.methods' entry point")
         if name == only:
             importlib.import_module(module_name).add_arguments(sub_parser)
     return parser
@@ -45,9 +78,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if not a.startswith("-")), None)
-    if command not in SUBCOMMANDS:
-        command = None
+    try:
+        load_plugins(plugin_modules(argv))
+    except ValueError as error:
+        print(f"tta: error: {error}", file=sys.stderr)
+        return 2
+    command = next((a for a in argv if a in SUBCOMMANDS), None)
     parser = build_parser(only=command)
     args = parser.parse_args(argv)
     if args.command is None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import tta
 from eval.corruption_benchmark import BenchmarkConfig, run_benchmark
 from eval.determinism import enable_deterministic
-from eval.method_cli import add_method_options, method_options_from_args
+from eval.method_cli import add_method_options, check_settings, method_options_from_args
 from streams.protocols import KINDS
 
 
@@ -79,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, **overrides) -> BenchmarkConfig:
     methods = _csv(args.methods)
+    check_settings(args, methods)
     return BenchmarkConfig(
         out=args.out, model=args.arch or args.model, weights=args.weights, arch=args.arch,
         download=args.download, input_mean=_floats(args.input_mean), input_std=_floats(args.input_std), num_classes=args.num_classes,

@@ -29,6 +29,13 @@ class Adapted(nn.Module):
 
     name: ClassVar[str] = "adapted"
     Options: ClassVar[type] = MethodOptions
+    # What the method is, read by the CLI, `tta methods`, the benchmarks and the tests (never a list of names).
+    updates: ClassVar[str] = "nothing"  # parameters it changes: "nothing", "norm affine" or "all"
+    batch_statistics: ClassVar[str] = "never"  # normalises with batch statistics: "never", "always", "alpha < 1"
+    source_data: ClassVar[str | None] = None  # what it needs from the source domain, if anything
+    layers: ClassVar[str] = "any"  # the layers it adapts: "any" (none needed) or "BatchNorm"
+    episodic_by_design: ClassVar[bool] = False  # resets before every batch whatever `episodic` says
+    may_skip_update: ClassVar[bool] = False  # may leave a batch without an update (e.g. a non-finite loss)
 
     def __init__(self, model: nn.Module, options: MethodOptions) -> None:
         super().__init__()
@@ -112,6 +119,8 @@ class BatchNormAdapter(Adapted):
     """Base of the methods that change how BatchNorm layers normalise (statistics mixing with weight ``alpha``)."""
 
     default_alpha: ClassVar[float] = 0.0
+    batch_statistics: ClassVar[str] = "always"
+    layers: ClassVar[str] = "BatchNorm"
 
     @property
     def alpha(self) -> float:
@@ -161,6 +170,8 @@ class GradientAdapter(BatchNormAdapter):
     """
 
     Options: ClassVar[type] = GradientOptions
+    updates: ClassVar[str] = "norm affine"
+    may_skip_update: ClassVar[bool] = True
 
     def _setup(self) -> None:
         if self.options.lean_graph not in ("auto", "on", "off"):  # before the model is touched

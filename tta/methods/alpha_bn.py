@@ -49,3 +49,4 @@ class AlphaBN(BatchNormAdapter):
     """BatchNorm with ``alpha * source + (1 - alpha) * batch`` statistics; forward only."""
 
     Options = AlphaBNOptions
+    batch_statistics = "alpha < 1"

@@ -99,6 +99,7 @@ class Cafa(GradientAdapter):
     """Align test features to the source class-conditional Gaussians by one step per batch on BN affine params."""
 
     Options = CafaOptions
+    source_data = "class-conditional feature statistics of labelled source images (tta.source_stats)"
     default_alpha = 0.0
 
     def _setup(self) -> None:

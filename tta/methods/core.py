@@ -41,6 +41,7 @@ class Core(GradientAdapter):
     """alpha-BN statistics plus one class-correlation step per batch on the BN affine parameters."""
 
     Options = CoreOptions
+    batch_statistics = "alpha < 1"
 
     def loss(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return class_correlation_loss(logits.softmax(1))
