@@ -97,7 +97,8 @@ def run_sweep(sweep: Sweep, out: str | Path, executor: Executor, *, retry_failed
     _drop_unfinished(log, status)
     wanted = ("failed",) if retry_failed else (None,)
     todo = [c for c in cells if status.get(c.key, {}).get("kind") in wanted]
-    summary = SweepSummary(skipped=[c.key for c in cells if c not in todo])
+    chosen = {c.key for c in todo}
+    summary = SweepSummary(skipped=[c.key for c in cells if c.key not in chosen])
     bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress or not todo)
     counts = {"running": 0, "failed": 0}
 

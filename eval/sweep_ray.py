@@ -66,6 +66,14 @@ class RayExecutor:
                 options["num_cpus"] = self.num_cpus
             ray.init(address=self.address, **options)
             self._started = True
+        if self.address is None:  # a local Ray does not grow: a cell asking for more than it has would wait forever
+            resources = ray.cluster_resources()
+            for name, wanted in (("CPU", self.cpus_per_cell), ("GPU", self.gpus_per_cell)):
+                if wanted > resources.get(name, 0):
+                    self.__exit__()
+                    raise ValueError(f"each cell asks for {wanted:g} {name}(s) but this machine's Ray has "
+                                     f"{resources.get(name, 0):g}; lower --{name.lower()}s-per-cell (or raise "
+                                     "--num-cpus), or run on a cluster with --address")
         self._remote = ray.remote(max_calls=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_cell_task)
         return self
 

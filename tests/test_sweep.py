@@ -213,27 +213,31 @@ def test_a_worker_killed_mid_cell_is_retried_with_identical_results(ray_local, w
     assert without_sweep_fields(records) == reference(cell, tmp_path)
 
 
-def test_a_raising_cell_is_recorded_as_failed_and_retry_failed_reruns_only_it(ray_local, weights, tmp_path):
+def test_a_raising_cell_is_recorded_as_failed_and_retry_failed_reruns_only_it(ray_local, weights, tmp_path, capsys):
     marker = tmp_path / "may-run"
-    sweep = load_sweep(write(tmp_path / "s.toml", grid(
-        weights, f'source = {{}}\nfails_unless = {{ marker = "{marker}" }}', seeds="[0]",
-        corruptions='["fog"]')))
-    failing, fine = sweep.cells()
+    path = write(tmp_path / "s.toml", grid(weights, f'source = {{}}\nfails_unless = {{ marker = "{marker}" }}',
+                                           seeds="[0]", corruptions='["fog"]'))
+    failing, fine = load_sweep(path).cells()
     assert failing.method == "fails_unless" and fine.method == "source"
     out = tmp_path / "out"
-    with executor() as ex:
-        summary = run_sweep(sweep, out, ex, progress=False)
-        assert summary.failed == [failing.key] and summary.still_failed == [failing.key]
-        entry = latest_status(out)[failing.key]
-        assert entry["kind"] == "failed" and "does not exist" in entry["error"]
-        assert "Traceback" in entry["traceback"] and "_setup" in entry["traceback"]
-        assert [r["cell"] for r in ResultsLog(out / "results.jsonl").read()] == [fine.key]
-        # a plain rerun skips the failed cell too; --retry-failed runs it, and only it
-        assert run_sweep(sweep, out, NoRun(), progress=False).ran == []
-        marker.touch()
-        summary = run_sweep(sweep, out, ex, retry_failed=True, progress=False)
-    assert summary.ran == [failing.key] and not summary.still_failed
+    command = ["sweep", str(path), "--out", str(out), "--plugin", PLUGIN, "--threads", "1", "--no-progress"]
+    assert main(command) == 1  # the command itself, on the Ray this module started
+    assert "--retry-failed" in capsys.readouterr().out
+    entry = latest_status(out)[failing.key]
+    assert entry["kind"] == "failed" and "does not exist" in entry["error"]
+    assert "Traceback" in entry["traceback"] and "_setup" in entry["traceback"]
+    assert [r["cell"] for r in ResultsLog(out / "results.jsonl").read()] == [fine.key]
+    assert main([*command, "--list"]) == 0
+    assert capsys.readouterr().out.split("\n")[:2] == [f"failed  {failing.key}", f"done    {fine.key}"]
+    # a plain rerun skips the failed cell too; --retry-failed runs it, and only it
+    assert main(command) == 1
+    assert len(ResultsLog(out / "cells.jsonl").read()) == 2
+    marker.touch()
+    assert main([*command, "--retry-failed"]) == 0
+    assert "cells run now: 1 (0 failed), skipped: 1" in capsys.readouterr().out
+    assert [(e["kind"], e["cell"]) for e in ResultsLog(out / "cells.jsonl").read()][2:] == [("done", failing.key)]
     assert [r["cell"] for r in ResultsLog(out / "results.jsonl").read()] == [failing.key, fine.key]
+    assert "fails_unless[marker=" in (out / "results.md").read_text()
 
 
 def test_records_of_a_cell_without_its_done_line_are_dropped_and_the_cell_runs_again(weights, tmp_path):
@@ -286,3 +290,42 @@ def test_the_example_of_docs_sweeps_md_is_valid_and_runs(tmp_path):
     torch.set_num_threads(threads)
     assert [r["domain"] for r in records] == [f"fog-{trimmed.severity}"] and records[0]["cell"] == trimmed.key
     assert records[0]["n"] == 20 and records[0]["options"]["lr"] == 0.0001
+
+
+def test_a_domains_cell_runs_as_tta_domains_does(tmp_path):
+    from eval.demo import digits_cnn
+    from tests.test_eval_cli import _image_folder
+
+    for name, shift in (("photo", 0), ("sketch", 40)):
+        _image_folder(tmp_path / "pacs" / name, shift)
+    torch.manual_seed(0)
+    torch.save(digits_cnn().state_dict(), tmp_path / "cnn2.pt")  # 10 outputs; the data has classes 0 and 1
+    text = f"""
+batch_sizes = [8]
+[methods]
+norm = {{}}
+[[models]]
+name = "cnn2"
+arch = "eval.demo:digits_cnn"
+weights = "{tmp_path / 'cnn2.pt'}"
+input_mean = [0, 0, 0]
+input_std = [1, 1, 1]
+[[data]]
+name = "pacs"
+path = "{tmp_path / 'pacs'}"
+domains = ["sketch", "photo"]
+"""
+    (cell,) = load_sweep(write(tmp_path / "d.toml", text)).cells()
+    assert cell.severity is None and cell.key == "model=cnn2|data=pacs|protocol=reset|batch_size=8|method=norm|seed=0"
+    threads = torch.get_num_threads()
+    try:
+        records = run_cell(cell, threads=1)
+        out = tmp_path / "ref"
+        assert main(["domains", "--data", str(tmp_path / "pacs"), "--domains", "sketch,photo", "--methods", "norm",
+                     "--arch", "eval.demo:digits_cnn", "--weights", str(tmp_path / "cnn2.pt"), "--input-mean",
+                     "0,0,0", "--input-std", "1,1,1", "--batch-size", "8", "--threads", "1",
+                     "--no-progress", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["domain"] for r in records] == ["sketch", "photo"]
+    assert without_sweep_fields(records) == ResultsLog(out / "results.jsonl").read()
