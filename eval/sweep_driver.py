@@ -55,7 +55,7 @@ def latest_status(out: str | Path) -> dict[str, dict[str, Any]]:
 def _check_same_settings(cells: Iterable[Cell], status: dict[str, dict[str, Any]], out: Path) -> None:
     for cell in cells:
         entry = status.get(cell.key)
-        if entry is None:
+        if entry is None or entry["kind"] != "done":  # a failed cell may be fixed by changing its settings
             continue
         now = result_fields(cell)
         changed = sorted(k for k in set(now) | set(entry["fields"]) if now.get(k) != entry["fields"].get(k))
