@@ -24,6 +24,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-c": ("streams.write_c", "write a CIFAR-10-C-layout folder of corrupted images from a dataset"),
     "bench": ("eval.bench_cli", "throughput and memory of each method against plain inference"),
     "methods": ("eval.methods_cli", "the registered methods (what each updates and needs); NAME: its options"),
+    "sweep": ("eval.sweep_cli", "run a grid of corruption / domain runs (methods x options x models x data x "
+                                "protocols x batch sizes x seeds) on Ray, locally or on a cluster"),
 }
 
 

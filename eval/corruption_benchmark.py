@@ -172,8 +172,10 @@ def cafa_source_stats(config: BenchmarkConfig, make_model: Callable[[], nn.Modul
     return stats
 
 
-def run_benchmark(config: BenchmarkConfig, model: nn.Module | None = None) -> dict[str, ErrorTable]:
-    """Run (or resume) every method of ``config`` and write results.jsonl, config.json and the report."""
+def run_benchmark(config: BenchmarkConfig, model: nn.Module | None = None, report: bool = True
+                  ) -> dict[str, ErrorTable]:
+    """Run (or resume) every method of ``config`` and write results.jsonl, config.json and the report
+    (``report=False``: no report and no tables returned; ``tta sweep`` reports once over all its cells)."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     unknown = [m for m in config.methods if m not in tta.methods()]
@@ -206,6 +208,8 @@ def run_benchmark(config: BenchmarkConfig, model: nn.Module | None = None) -> di
                                                                                     **g)))
     run_methods(runs, stream, log, context=context, checkpoint_dir=out / "checkpoints", device=config.device,
                 progress=config.progress, prefetch=config.prefetch)
+    if not report:
+        return {}
     records = log.read()
     tables = write_report(records, out, title=f"{config.model} on {Path(config.data).name}")
     if config.baseline:

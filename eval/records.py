@@ -53,7 +53,7 @@ class ResultsLog:
         crash tests may interrupt (:mod:`eval.kill_points`: ``torn_record`` halfway, ``record`` after it)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._cut_incomplete_tail()
-        line = (json.dumps(record, sort_keys=True, allow_nan=True) + "\n").encode()
+        line = _line(record)
         with open(self.path, "ab") as f:
             if kill_points_here:
                 kill_points.reached("torn_record", before_kill=lambda: _write_synced(f, line[: len(line) // 2]))
@@ -64,6 +64,15 @@ class ResultsLog:
     def extend(self, records: Iterable[dict[str, Any]]) -> None:
         for record in records:
             self.append(record)
+
+    def replace(self, records: Iterable[dict[str, Any]]) -> None:
+        """Replace the whole file with ``records`` atomically (readers see the old file or the new one)."""
+        data = b"".join(_line(record) for record in records)
+        replace_atomically(self.path, lambda handle: handle.write(data))
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, sort_keys=True, allow_nan=True) + "\n").encode()
 
 
 def _write_synced(handle: BinaryIO, data: bytes) -> None:
