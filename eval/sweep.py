@@ -201,7 +201,7 @@ def parse_sweep(raw: dict[str, Any], where: str = "sweep") -> Sweep:
 
 
 def _parse_methods(raw: Any, where: str, tta) -> dict[str, dict[str, list[Any]]]:
-    from eval.method_cli import _cli_fields
+    from eval.method_cli import cli_fields
 
     if not isinstance(raw, dict) or not raw:
         raise _fail(where, "methods", "missing or empty; give a table such as [methods] with source = {} and "
@@ -213,7 +213,7 @@ def _parse_methods(raw: Any, where: str, tta) -> dict[str, dict[str, list[Any]]]
                         "(a plugin's methods: pass --plugin MODULE)")
         if not isinstance(options, dict):
             raise _fail(where, f"methods.{method}", "must be a table of options, e.g. {} or { lr = [0.001] }")
-        fields = {f.name: hint for f, hint in _cli_fields(method)}
+        fields = {f.name: hint for f, hint in cli_fields(method)}
         grid = {}
         for name, value in options.items():
             if name not in fields:
