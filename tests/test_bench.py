@@ -280,3 +280,12 @@ def test_cuda_unavailable_is_a_clear_error(capsys: pytest.CaptureFixture) -> Non
 def test_bad_settings_are_clear_errors(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         BenchConfig(**{field: value}).validate()
+
+
+def test_the_deprecated_lean_graph_flag_is_accepted_and_warns(tmp_path) -> None:
+    argv = ["bench", "--methods", "tent", "--batch-size", "4", "--repeats", "1", "--warmup", "0", "--threads", "1",
+            "--memory", "off", "--tent-lean-graph", "off", "--out", str(tmp_path)]
+    with pytest.warns(FutureWarning, match="lean_graph option is deprecated"):
+        assert tta_main(argv) == 0
+    tent = next(r for r in json.loads((tmp_path / "bench.json").read_text())["records"] if r["method"] == "tent")
+    assert tent["options"]["lean_graph"] == "off"
