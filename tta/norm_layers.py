@@ -36,25 +36,30 @@ def mixed_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.T
     never updated.
 
     Batch statistics alone (alpha = 0, or no source statistics): batch_norm's training mode without running
-    buffers. Mixed: ``var_mean`` over every dimension but the channels; batch_norm's eval kernel without gradients,
-    the normalisation written out with them (batch_norm does not differentiate its running statistics).
+    buffers. Mixed, without gradients: PyTorch's one-pass statistics kernel (``batch_norm_update_stats``, 3x faster
+    than ``var_mean`` on CPU) and batch_norm's eval kernel. Mixed, with gradients (batch_norm does not differentiate
+    its running-statistics arguments): ``var_mean``, then ``x * scale + shift`` with per-channel ``scale`` and
+    ``shift`` (the eval kernel's own arithmetic), one elementwise pass each way.
     """
     if running_mean is None or running_var is None or alpha == 0.0:
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-    dims = [0, *range(2, x.dim())]
     wide = torch.promote_types(x.dtype, torch.float32)
-    batch_var, batch_mean = torch.var_mean(x.to(wide), dim=dims, correction=0)
-    mean, var = mix_statistics(alpha, running_mean, batch_mean), mix_statistics(alpha, running_var, batch_var)
     if not torch.is_grad_enabled() or not (x.requires_grad or any(t is not None and t.requires_grad
                                                                    for t in (weight, bias))):
+        batch_mean, batch_var = torch.batch_norm_update_stats(x, None, None, 0.0)  # biased variance
+        mean = mix_statistics(alpha, running_mean, batch_mean.to(wide))
+        var = mix_statistics(alpha, running_var, batch_var.to(wide))
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+    batch_var, batch_mean = torch.var_mean(x.to(wide), dim=[0, *range(2, x.dim())], correction=0)
+    mean, var = mix_statistics(alpha, running_mean, batch_mean), mix_statistics(alpha, running_var, batch_var)
+    scale = torch.rsqrt(var + eps)
     if weight is not None:
-        y = y * weight.view(shape)
+        scale = scale * weight
+    shift = -mean * scale
     if bias is not None:
-        y = y + bias.view(shape)
-    return y
+        shift = shift + bias
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)
 
 
 class MixedBatchNorm(nn.Module):
