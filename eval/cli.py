@@ -54,7 +54,8 @@ def add_accel_arguments(parser: argparse.ArgumentParser) -> None:
     """``--no-accel`` and ``--accel-without``: the CPU fast path (tta.accel) is on for CPU runs unless turned off."""
     group = parser.add_argument_group("CPU fast path (tta.accel)")
     group.add_argument("--no-accel", action="store_true",
-                       help="plain PyTorch only: no C kernels, lean graph or allocator change (default on CPU: on)")
+                       help="keep plain PyTorch: no C kernels, lean graph or allocator change (without it, CPU runs use "
+                            "the fast path)")
     group.add_argument("--accel-without", default="", metavar="PIECE[,PIECE]",
                        help=f"turn these pieces of the fast path off: {', '.join(accel.PIECES)}")
 
