@@ -78,7 +78,7 @@ def run_mode(mode: str, weights: str | None, steps: int) -> dict[str, Any]:
     from eval.bench import BenchConfig, _release_free_memory, _reset_peak_rss, _status_kb, build_model, make_inputs
     from tta.methods.tent import softmax_entropy
 
-    tta.retain_freed_memory()
+    tta.accel.enable()
     torch.set_num_threads(1)
     config = BenchConfig(weights=weights)
     model, _ = build_model(config)

@@ -28,9 +28,10 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import tta
-    from tta import mixed_bn_kernel, native
+    from tta.accel import batch_norm as mixed_bn_kernel
+    from tta.accel import kernels as native
 
-    tta.retain_freed_memory()
+    tta.accel.enable()
     torch.set_num_threads(1)
     if native.library() is None:
         print(f"C kernels not built: {native.status()}")

@@ -1,4 +1,4 @@
-"""What the lean autograd graph (tta.lean_graph) saves and costs on tent's step: ResNet-20, 32 px, CPU.
+"""What the lean autograd graph (tta.accel.lean_graph) saves and costs on tent's step: ResNet-20, 32 px, CPU.
 
     python benchmarks/lean_graph.py --weights ../shared/data/models/akamaster-resnet-cifar10/resnet20-12fca82f.th
 
@@ -11,13 +11,13 @@ the trims make every step fault its pages in, so it is slower than in ``tta benc
 steps more without trims (malloc keeping what it freed, as the ``tta`` commands run: the heap's extent) above the
 RSS before the first step, and whether the BatchNorm gradients equal autograd's bit for bit.
 
-``--ab-rounds N`` then times the adapters themselves (``tta.adapt(model, method, lean_graph="on"|"off")``,
-forward, backward and Adam's update), interleaved in one process with plain inference, N rounds each of tent,
-core and cafa, and prints the paired ratios: the median over rounds of (lean / autograd) and of each over plain.
+``--ab-rounds N`` then times the adapters themselves (``tta.adapt(model, method)`` under ``tta.accel.enable()``, the
+forward under LeanGraph or autograd's graph; forward, backward and Adam's update), interleaved in one process with
+plain inference, N rounds each of tent, core and cafa, and prints the paired ratios: the median over rounds of (lean / autograd) and of each over plain.
 
 ``--kernels N`` first times the pieces at ResNet-20's first-stage shape (200, 16, 32, 32), one thread, N
 interleaved rounds: PyTorch's ReLU and its backward (``threshold_backward``) against the bit-mask kernels, and a
-frozen convolution's input gradient through autograd's node against :class:`tta.lean_graph.FrozenConvolution`
+frozen convolution's input gradient through autograd's node against :class:`tta.accel.lean_graph.FrozenConvolution`
 (median ms; the order of the pieces rotates each round).
 
 An earlier version of this script (commit 21a9839) also measured two lean graphs written in PyTorch ops alone
@@ -60,15 +60,15 @@ def measure(mode: str, weights: str | None, batch: int, steps: int) -> dict[str,
     """One mode in this process: tent's step (forward, entropy, backward, no update) on ResNet-20 at 32 px."""
     import tta
     from eval.bench import BenchConfig, _reset_peak_rss, _status_kb, build_model, peak_tensor_bytes
-    from tta.cpu_memory import return_free_memory
-    from tta.lean_graph import LeanGraph
+    from tta.accel.allocator import release_free_memory as return_free_memory
+    from tta.accel.lean_graph import LeanGraph
     from tta.methods.tent import softmax_entropy
 
-    tta.retain_freed_memory()
+    tta.accel.enable()
     torch.set_num_threads(1)
     model, _ = build_model(BenchConfig(weights=weights))
     x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    adapted = tta.adapt(model, "tent", lean_graph="off")  # the graph is chosen here, around the forward
+    adapted = tta.adapt(model, "tent")  # its step is not called: the graph is chosen here, around the forward
     graph = LeanGraph if mode == "lean" else contextlib.nullcontext
     saved = _saved_mb(model, x, graph)
 
@@ -110,10 +110,10 @@ def time_kernels(rounds: int) -> dict[str, float]:
     import torch.nn.functional as F
 
     import tta
-    from tta import native_relu
-    from tta.lean_graph import FrozenConvolution
+    from tta.accel import relu_mask as native_relu
+    from tta.accel.lean_graph import FrozenConvolution
 
-    tta.retain_freed_memory()  # as the tta commands run: freed maps reused, not page-faulted in again
+    tta.accel.enable()  # as the tta commands run: freed maps reused, not page-faulted in again
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 16, 32, 32, generator=g)
@@ -152,7 +152,9 @@ def time_adapters(weights: str | None, batch: int, rounds: int, methods: tuple[s
     import tta
     from eval.bench import BenchConfig, build_model, random_source_stats
 
-    tta.retain_freed_memory()
+    from tta.accel.lean_graph import LeanGraph
+
+    tta.accel.enable()
     torch.set_num_threads(1)
     model, _ = build_model(BenchConfig(weights=weights))
     x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -168,7 +170,9 @@ def time_adapters(weights: str | None, batch: int, rounds: int, methods: tuple[s
         if method == "cafa":
             options["source_stats"] = random_source_stats(model, BenchConfig(batch_size=batch))
         for graph in ("on", "off"):
-            adapted = tta.adapt(copy.deepcopy(model), method, lean_graph=graph, **options)
+            adapted = tta.adapt(copy.deepcopy(model), method, **options)
+            lean = graph == "on"  # the forward under LeanGraph or autograd's graph, whatever the batch size
+            adapted._graph_mode = (lambda on: lambda x: LeanGraph() if on else contextlib.nullcontext())(lean)
             rows[f"{method} {graph}"] = (lambda a: lambda: a(x))(adapted)
     for run in rows.values():  # warm-up
         run()

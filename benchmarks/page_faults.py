@@ -18,7 +18,8 @@ import time
 import torch
 
 from eval.bench import BenchConfig, build_model, build_row, make_inputs, random_source_stats, row_names
-from tta.cpu_memory import malloc_settings, retain_freed_memory
+import tta
+from tta.accel.allocator import malloc_settings
 
 
 def fault_cost_ms_per_100mb(repeats: int = 5) -> tuple[float, float]:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
-    retain_freed_memory()  # as the tta commands do (TTA_MALLOC=default: glibc's defaults)
+    tta.accel.enable()  # as the tta commands do (TTA_MALLOC=default: glibc's defaults)
     torch.set_num_threads(1)
     config = BenchConfig(model=args.model, weights=args.weights, batch_size=args.batch_size, threads=1)
     inputs = make_inputs(config)

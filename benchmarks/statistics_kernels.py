@@ -3,8 +3,8 @@
     python benchmarks/statistics_kernels.py --weights ../shared/data/models/akamaster-resnet-cifar10/resnet20-12fca82f.th
 
 Part 1 times, on ResNet-20's three map shapes at batch 200 (one thread, median of ``--repeats`` calls on the same
-tensor, so the map is in cache): ``tta.native_moments`` (contiguous and channels_last), the two-pass float32 sums
-that ``tta.mixed_bn_kernel`` falls back to, ``torch.batch_norm_update_stats`` (Welford, both layouts) and
+tensor, so the map is in cache): ``tta.accel.channel_moments`` (contiguous and channels_last), the two-pass float32 sums
+that ``tta.accel.batch_norm`` falls back to, ``torch.batch_norm_update_stats`` (Welford, both layouts) and
 ``torch.var_mean``; then bfloat16 maps (autocast's), the C kernel against ``batch_norm_update_stats``; then both
 element types over growing row lengths (where the kernel starts to pay, ``native_moments.MIN_ROW_LENGTH``); then
 the stage-1 map with one thread and with one per CPU. Part 2 times the statistics call inside test-time BN's forward on the real model (the map
@@ -21,10 +21,9 @@ from typing import Callable
 import torch
 
 import tta
-import tta.mixed_bn_kernel as kernel
+import tta.accel.batch_norm as kernel
 from eval.bench import BenchConfig, build_model, make_inputs
-from tta import native_moments
-from tta.cpu_memory import retain_freed_memory
+from tta.accel import channel_moments as native_moments
 
 SHAPES = [(200, 16, 32, 32), (200, 32, 16, 16), (200, 64, 8, 8)]
 
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=20)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    retain_freed_memory()
+    tta.accel.enable()
     state = native_moments.status()
     if not state["available"]:
         print(f"the C kernel is not available: {state['detail']}")

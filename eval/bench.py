@@ -42,7 +42,8 @@ import tta
 from eval.bench_reference import ReferenceNorm, ReferenceTent
 from eval.environment import versions
 from eval.models import NormalizedModel, load_model, model_entry
-from tta.cpu_memory import malloc_settings, retain_freed_memory, return_free_memory
+from tta import accel
+from tta.accel.allocator import release_free_memory, settings as allocator_settings
 
 PLAIN = "plain"
 REFERENCE_ROWS = {"norm_ref": "norm (reference)", "tent_ref": "tent (reference)",
@@ -328,7 +329,7 @@ def _release_free_memory() -> None:
     """Collect garbage and hand malloc's free pages back to the system (glibc ``malloc_trim``), so that memory
     allocated afterwards shows up in the RSS instead of reusing pages the process already holds."""
     gc.collect()
-    return_free_memory()
+    release_free_memory()
 
 
 def _warmed_up_setup(config: BenchConfig, name: str) -> tuple[nn.Module, list[torch.Tensor], Any]:
@@ -431,7 +432,8 @@ def measure_row_tensors(config: BenchConfig, name: str) -> dict[str, Any]:
 
 def probe_memory(config: BenchConfig, name: str, timeout: float = 900.0) -> dict[str, Any]:
     """:func:`measure_row_memory` in a fresh Python process (CPU), so no earlier row distorts the RSS."""
-    spec = json.dumps({"config": asdict(config), "row": name})
+    pieces = {piece: on for piece, on in accel.state().items() if piece in accel.PIECES}
+    spec = json.dumps({"config": asdict(config), "row": name, "accel": pieces if any(pieces.values()) else None})
     code = "import sys; from eval.bench import probe_main; sys.exit(probe_main())"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
@@ -447,10 +449,12 @@ def probe_memory(config: BenchConfig, name: str, timeout: float = 900.0) -> dict
 
 
 def probe_main() -> int:
-    """Entry of the memory subprocess: reads ``{"config", "row"}`` JSON on stdin, prints the result as JSON."""
+    """Entry of the memory subprocess: reads ``{"config", "row", "accel"}`` JSON on stdin (``accel``: the pieces of
+    :mod:`tta.accel` the parent had on, or None), prints the result as JSON."""
     spec = json.loads(sys.stdin.read())
     config = BenchConfig(**spec["config"])
-    retain_freed_memory()  # the same allocator settings as the parent (TTA_MALLOC is inherited)
+    if spec.get("accel"):
+        accel.enable(**spec["accel"])  # the same fast path as the parent (TTA_MALLOC is inherited)
     if config.threads:
         torch.set_num_threads(config.threads)
     print(json.dumps(measure_row_memory(config, spec["row"])))
@@ -465,7 +469,7 @@ def machine() -> dict[str, Any]:
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), None)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "load_average": load, "malloc": malloc_settings(),
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "load_average": load, "malloc": allocator_settings(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
@@ -554,6 +558,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None) 
                     "reset_ms", "reset_ratio_to_batch", "first_batch_ms"):
             record.setdefault(key, None)
     result = {"records": list(records.values()), "settings": {**asdict(config), "rows": names},
+              "accel": accel.state(),
               "weights": weights_note, "versions": versions(), "machine": {"start": started, "end": machine()},
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     result["goals"] = check_goals(result)

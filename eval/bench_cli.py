@@ -106,10 +106,16 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         method_options={m: method_options_from_args(args, m) for m in tta.methods()})
 
 
-def _native_note(state: dict | None) -> str:
+def accel_note(state: dict[str, Any] | None) -> str:
+    """Which pieces of the CPU fast path (tta.accel) were on, in words."""
     if not state:
         return "unknown"
-    return "built" if state["available"] else f"not used ({state['detail']})"
+    on = [piece for piece in tta.accel.PIECES if state.get(piece)]
+    off = [f"{piece} ({state['notes'][piece]})" if piece in state.get("notes", {}) else piece
+           for piece in tta.accel.PIECES if not state.get(piece)]
+    if not on:
+        return "off (plain PyTorch)"
+    return "on: " + ", ".join(on) + (f"; off: {', '.join(off)}" if off else "")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{result['versions']['torch_threads']}, amp {config.amp}, channels_last {config.channels_last}, "
                 f"compile {config.compile}, repeats {config.repeats}, warm-up {config.warmup}, "
                 f"load average {result['machine']['start']['load_average']}, malloc "
-                f"{_malloc_note(result['machine']['start'].get('malloc'))}, one-pass statistics kernel "
-                f"{_native_note(result['versions'].get('native_statistics'))}")
+                f"{_malloc_note(result['machine']['start'].get('malloc'))}, CPU fast path "
+                f"{accel_note(result.get('accel'))}")
     print(f"{settings}\n{result['weights']}\n")
     print(format_table(result))
     if args.out:

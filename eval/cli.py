@@ -13,8 +13,10 @@ import sys
 from typing import Sequence
 
 import tta._compat  # noqa: F401
-from tta.cpu_memory import retain_freed_memory
+from tta import accel
 
+#: The subcommands that run models: on CPU they turn the fast path on (tta.accel) unless given --no-accel.
+ACCEL_COMMANDS = frozenset({"demo", "corruption", "domains", "continual", "bench"})
 # name -> (module, one-line help). The module provides add_arguments(parser) and run(args).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("eval.demo", "the whole pipeline on an embedded dataset (no download), in under two minutes"),
@@ -61,12 +63,15 @@ def load_plugins(modules: Sequence[str]) -> None:
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tta", description="Test-time adaptation and continual-learning runtime.",
-        epilog="Environment: TTA_MALLOC chooses how freed CPU memory is kept (tta/cpu_memory.py): retain (default) "
-               "gives tensors of 1 MB and more a caching allocator (tta/tensor_cache.py: reused by size class, no page "
-               "faults after the first batch, resident memory close to the bytes held) and makes glibc's malloc keep "
-               "the rest; glibc keeps glibc's malloc for all tensors, with those settings; default changes nothing. "
-               "TTA_NATIVE=0 uses PyTorch's ops and allocator instead of the C and C++ code built with the system's "
-               "compilers on first use into TTA_CACHE_DIR (default ~/.cache/tta). TTA_DEBUG=1 shows tracebacks.")
+        epilog="CPU runs of demo, corruption, domains, bench and continual use the CPU fast path (tta.accel: C "
+               "kernels, a lean autograd graph, a caching allocator; the same results to rounding); --no-accel keeps "
+               "plain PyTorch, --accel-without PIECE,... turns pieces off. Environment: TTA_MALLOC chooses how freed "
+               "CPU memory is kept (tta/accel/allocator.py): retain (default) gives tensors of 1 MB and more a "
+               "caching allocator (tta/accel/tensor_cache.py: reused by size class, no page faults after the first "
+               "batch, resident memory close to the bytes held) and makes glibc's malloc keep the rest; glibc keeps "
+               "glibc's malloc for all tensors, with those settings; default changes nothing. TTA_NATIVE=0 uses "
+               "PyTorch's ops and allocator instead of the C and C++ code built with the system's compilers into "
+               "TTA_CACHE_DIR (default ~/.cache/tta). TTA_DEBUG=1 shows tracebacks.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -74,8 +79,33 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                                 help="import MODULE first: a module that registers methods with @tta.register "
                                      "(repeatable); installed packages can also declare a 'tta.methods' entry point")
         if name == only:
+            if name in ACCEL_COMMANDS:
+                add_accel_arguments(sub_parser)
             importlib.import_module(module_name).add_arguments(sub_parser)
     return parser
+
+
+def add_accel_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--no-accel`` and ``--accel-without``: the CPU fast path (tta.accel) is on for CPU runs unless turned off."""
+    group = parser.add_argument_group("CPU fast path (tta.accel)")
+    group.add_argument("--no-accel", action="store_true",
+                       help="keep plain PyTorch: no C kernels, lean graph or allocator change (without it, CPU runs use "
+                            "the fast path)")
+    group.add_argument("--accel-without", default="", metavar="PIECE[,PIECE]",
+                       help=f"turn these pieces of the fast path off: {', '.join(accel.PIECES)}")
+
+
+def accel_pieces(args: argparse.Namespace) -> dict[str, bool] | None:
+    """The pieces to turn on for this run (``tta.accel.enable(**pieces)``), or None to stay on the plain path:
+    ``--no-accel``, or a device other than the CPU."""
+    if getattr(args, "no_accel", True) or not str(getattr(args, "device", "cpu") or "cpu").startswith("cpu"):
+        return None
+    without = [p.strip() for p in args.accel_without.split(",") if p.strip()]
+    unknown = sorted(set(without) - set(accel.PIECES))
+    if unknown:
+        raise ValueError(f"--accel-without: unknown piece(s) {', '.join(unknown)}; the pieces are: "
+                         f"{', '.join(accel.PIECES)}")
+    return {piece: piece not in without for piece in accel.PIECES}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
-        retain_freed_memory()  # before any model runs: see tta/cpu_memory.py (TTA_MALLOC chooses)
+        pieces = accel_pieces(args)
+        if pieces is not None:
+            accel.enable(**pieces)  # before any model runs: see tta/accel/__init__.py
         return int(module.run(args) or 0)
     except (ValueError, FileNotFoundError) as error:
         # Errors we raise say what to do; a traceback adds nothing for a user (TTA_DEBUG=1 shows it).

@@ -30,6 +30,10 @@ from streams.protocols import corruption_names
 _RESULT_FIELDS = ("model", "weights", "arch", "input_mean", "input_std", "guard_window", "guard_min_entropy", "data", "split", "corruptions", "severity", "protocol", "delta", "batch_size",
                   "n_images", "seed", "domains")
 
+#: Options of earlier versions that never changed results and are no longer recorded (``lean_graph``, tta 0.1: the
+#: same gradients bit for bit; a deprecated, unrecorded option since 0.2): a folder that recorded them resumes.
+_RESULT_NEUTRAL_OPTIONS = frozenset({"lean_graph"})
+
 
 @dataclass
 class BenchmarkConfig:
@@ -88,6 +92,7 @@ def _check_same_run(path: Path, config: BenchmarkConfig, resolved: dict[str, dic
 def _options_differ(method: str, previous: dict[str, Any], now: dict[str, Any]) -> bool:
     """Whether rows made with ``previous`` options would differ from rows made with ``now``. An option added to the
     library since the folder was written did not exist then, which is the same as its default now."""
+    previous = {name: value for name, value in previous.items() if name not in _RESULT_NEUTRAL_OPTIONS}
     defaults = _jsonable(resolved_options(method, {})) if set(now) - set(previous) else {}
     return set(previous) - set(now) != set() or any(
         previous.get(name, defaults.get(name)) != value for name, value in now.items())

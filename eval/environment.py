@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tta import native_moments
+from tta import accel
 
 
 def versions() -> dict[str, Any]:
@@ -25,6 +25,6 @@ def versions() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        # the one-pass CPU statistics kernel: available, or why PyTorch's ops are used instead
-        "native_statistics": native_moments.status(),
+        # the pieces of the CPU fast path that are on (tta.accel.enable), and why one asked for is not
+        "accel": accel.state(),
     }

@@ -3,7 +3,8 @@
 ``--set METHOD.OPTION=VALUE`` (repeatable: ``--set tent.lr=5e-4 --set alpha_bn.alpha=0.2``) sets one option of one
 method; the value is parsed by the option's type (bool: true/false, a choice, int, float, str) and checked like
 ``tta.adapt``'s keyword options, with an error naming the method's options or the allowed values. Fields marked
-``cli=False`` (objects such as cafa's source statistics) are supplied by the runner instead.
+``cli=False`` (objects such as cafa's source statistics) are supplied by the runner instead; fields marked
+``cli="deprecated"`` can still be set for one minor version but are not listed (the adapter warns when used).
 
 The older flags, one per method and option (``--tent-lr 5e-4``), still work for one minor version: they are hidden
 from ``--help`` and warn that ``--set`` replaces them.
@@ -12,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 import warnings
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import tta
 
@@ -31,12 +33,21 @@ def _dest(method: str, name: str) -> str:
     return f"opt__{method}__{name}"
 
 
-def cli_fields(method: str) -> list[tuple[dataclasses.Field, Any]]:
-    """The options of ``method`` that the command line can set, with their type hints."""
+def cli_fields(method: str, deprecated: bool = False) -> list[tuple[dataclasses.Field, Any]]:
+    """The options of ``method`` that the command line can set (with ``deprecated``: also those kept for one
+    version), with their type hints, ``X | None`` read as ``X``."""
     cls = tta.method_options(method)
     hints = typing.get_type_hints(cls)
-    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.metadata.get("cli", True)
-            and (hints[f.name] in (bool, int, float, str) or get_origin(hints[f.name]) is Literal)]
+    shown = (True, "deprecated") if deprecated else (True,)
+    fields = [(f, _without_none(hints[f.name])) for f in dataclasses.fields(cls) if f.metadata.get("cli", True) in shown]
+    return [(f, hint) for f, hint in fields if hint in (bool, int, float, str) or get_origin(hint) is Literal]
+
+
+def _without_none(hint: Any) -> Any:
+    if get_origin(hint) in (Union, types.UnionType):
+        rest = [arg for arg in get_args(hint) if arg is not type(None)]
+        return rest[0] if len(rest) == 1 else hint
+    return hint
 
 
 def type_name(hint: Any) -> str:
@@ -75,10 +86,11 @@ def parse_setting(text: str) -> tuple[str, str, Any]:
         raise ValueError(f"--set {text!r}: write METHOD.OPTION=VALUE, e.g. --set tent.lr=5e-4")
     if method not in tta.methods():
         raise ValueError(f"--set {text}: unknown method {method!r}; registered methods: {', '.join(tta.methods())}")
-    fields = {f.name: hint for f, hint in cli_fields(method)}
+    fields = {f.name: hint for f, hint in cli_fields(method, deprecated=True)}
     if name not in fields:
+        listed = [f.name for f, _ in cli_fields(method)]
         raise ValueError(f"--set {text}: method {method!r} has no option {name!r}; its options: "
-                         f"{', '.join(fields)} (`tta methods {method}` lists them with their defaults)")
+                         f"{', '.join(listed)} (`tta methods {method}` lists them with their defaults)")
     return method, name, parse_value(method, name, fields[name], value.strip())
 
 
@@ -88,7 +100,7 @@ def add_method_options(parser: argparse.ArgumentParser, methods: list[str] | Non
                         help="set one option of one method, e.g. --set tent.lr=5e-4 (repeatable); "
                              "`tta methods NAME` lists a method's options and defaults")
     for method in methods or tta.methods():
-        for f, hint in cli_fields(method):
+        for f, hint in cli_fields(method, deprecated=True):
             kwargs: dict[str, Any] = {"dest": _dest(method, f.name), "default": None, "help": argparse.SUPPRESS}
             if hint is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
@@ -103,7 +115,7 @@ def method_options_from_args(args: argparse.Namespace, method: str) -> dict[str,
     """The options given on the command line for ``method`` (only those given): ``--set`` values, then the
     deprecated flags (which warn). A malformed ``--set`` raises ValueError."""
     given = {}
-    for f, _ in cli_fields(method):
+    for f, _ in cli_fields(method, deprecated=True):
         value = getattr(args, _dest(method, f.name), None)
         if value is not None:
             shown = str(value).lower() if isinstance(value, bool) else value
@@ -126,12 +138,8 @@ def check_settings(args: argparse.Namespace, methods: list[str]) -> None:
 
 
 def resolved_options(method: str, given: dict[str, Any]) -> dict[str, Any]:
-    """Every option of ``method`` with its value (given or default), JSON-friendly, for results and config."""
+    """Every option of ``method`` with its value (given or default), JSON-friendly, for results and config
+    (deprecated options, which never change results, are left out)."""
     options = tta.method_options(method)(**given)
-    return {f.name: getattr(options, f.name) for f, _ in _all_cli_fields(method)}
-
-
-def _all_cli_fields(method: str) -> list[tuple[dataclasses.Field, Any]]:
     cls = tta.method_options(method)
-    hints = typing.get_type_hints(cls)
-    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(cls) if f.metadata.get("cli", True) is True}

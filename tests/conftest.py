@@ -20,6 +20,17 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def plain_path_after_each_test():
+    """A test that turns the CPU fast path on (tta.accel, e.g. through a tta command) turns it off afterwards, so the
+    next test starts on the plain path (glibc's malloc settings, once applied, stay: there is no undo)."""
+    yield
+    from tta import accel
+
+    if any(accel.state()[piece] for piece in accel.PIECES if piece != "malloc"):
+        accel.disable()
+
+
 @pytest.fixture
 def one_thread():
     """Training on a shared 2-core machine: one intra-op thread avoids spin-waiting between busy cores."""

@@ -148,6 +148,7 @@ def test_bench_json_records(tiny_run: tuple[dict, str]) -> None:
 
 def test_bench_json_metadata(tiny_run: tuple[dict, str]) -> None:
     result, _ = tiny_run
+    assert result["accel"]["batch_norm"] and result["accel"]["lean_graph"]  # the tta commands: on for CPU runs
     settings = result["settings"]
     assert (settings["batch_size"], settings["repeats"], settings["threads"], settings["device"]) == (8, 2, 1, "cpu")
     assert isinstance(result["versions"]["versions"]["torch"], str)
@@ -155,7 +156,7 @@ def test_bench_json_metadata(tiny_run: tuple[dict, str]) -> None:
     assert result["machine"]["start"]["cpu_count"] >= 1
     assert "random initialisation" in result["weights"]
     assert {g["goal"] for g in result["goals"]} >= {"norm <= 1.10x plain", "tent <= 2.5x plain"}
-    assert result["versions"]["native_statistics"]["available"] in (True, False)
+    assert set(result["accel"]) == {*tta.accel.PIECES, "notes"} and result["versions"]["accel"] == result["accel"]
 
 
 def test_goals_use_paired_ratios() -> None:
@@ -198,11 +199,31 @@ def test_peak_tensor_bytes_follows_allocations_and_frees_in_order() -> None:
 def test_the_lean_graph_lowers_tent_s_tensor_peak() -> None:
     """ResNet-20 at batch 48 (the lean graph's default from 43 CIFAR images): autograd keeps two maps per
     convolution unit, the lean graph one and a bit mask."""
-    lean = bench.measure_row_tensors(BenchConfig(batch_size=48, warmup=1, threads=1), "tent")["peak_tensor_mb"]
-    options = {"tent": {"lean_graph": "off"}}
-    full = bench.measure_row_tensors(BenchConfig(batch_size=48, warmup=1, threads=1, method_options=options),
-                                     "tent")["peak_tensor_mb"]
+    tta.accel.enable(tensor_cache=False, malloc=False)
+    try:
+        lean = bench.measure_row_tensors(BenchConfig(batch_size=48, warmup=1, threads=1), "tent")["peak_tensor_mb"]
+    finally:
+        tta.accel.disable()
+    full = bench.measure_row_tensors(BenchConfig(batch_size=48, warmup=1, threads=1), "tent")["peak_tensor_mb"]
     assert lean < 0.75 * full
+
+
+@pytest.mark.parametrize("flags, expected", [
+    # malloc is left out: glibc's settings, once applied in this process by an earlier test, stay (and are recorded)
+    (["--no-accel"], {piece: False for piece in tta.accel.PIECES if piece != "malloc"}),
+    (["--accel-without", "lean_graph,tensor_cache"], {"lean_graph": False, "tensor_cache": False, "batch_norm": True}),
+])
+def test_bench_records_which_pieces_of_the_fast_path_were_on(flags, expected, tmp_path) -> None:
+    argv = ["bench", "--methods", "tent", "--batch-size", "4", "--repeats", "1", "--warmup", "0", "--threads", "1",
+            "--memory", "off", "--out", str(tmp_path), *flags]
+    assert tta_main(argv) == 0
+    recorded = json.loads((tmp_path / "bench.json").read_text())["accel"]
+    assert {piece: recorded[piece] for piece in expected} == expected
+
+
+def test_an_unknown_accel_piece_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
+    assert tta_main(["bench", "--accel-without", "kernel", "--memory", "off"]) == 2
+    assert "unknown piece(s) kernel" in capsys.readouterr().err
 
 
 # -- small pieces and errors ----------------------------------------------------------------------------------------
@@ -259,3 +280,12 @@ def test_cuda_unavailable_is_a_clear_error(capsys: pytest.CaptureFixture) -> Non
 def test_bad_settings_are_clear_errors(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         BenchConfig(**{field: value}).validate()
+
+
+def test_the_deprecated_lean_graph_flag_is_accepted_and_warns(tmp_path) -> None:
+    argv = ["bench", "--methods", "tent", "--batch-size", "4", "--repeats", "1", "--warmup", "0", "--threads", "1",
+            "--memory", "off", "--tent-lean-graph", "off", "--out", str(tmp_path)]
+    with pytest.warns(FutureWarning, match="lean_graph option is deprecated"):
+        assert tta_main(argv) == 0
+    tent = next(r for r in json.loads((tmp_path / "bench.json").read_text())["records"] if r["method"] == "tent")
+    assert tent["options"]["lean_graph"] == "off"

@@ -75,6 +75,10 @@ def test_tta_corruption_runs_resumes_and_refuses_a_different_run_in_the_same_fol
     (out / "config.json").write_text(json.dumps(saved))
     assert main([*argv, "--set", "tent.weight_decay=0.1"]) == 2
     assert "different run (tent options differ)" in capsys.readouterr().err
+    # a folder written by tta 0.1 recorded the lean_graph option, which never changed results: it resumes
+    saved["resolved_options"]["tent"]["lean_graph"] = "auto"
+    (out / "config.json").write_text(json.dumps(saved))
+    assert main(argv) == 0
 
 
 def test_bad_method_and_missing_data_are_clear_one_line_errors(tmp_path, capsys, monkeypatch):

@@ -104,3 +104,49 @@ def test_state_dict_keys_are_unchanged_while_adapted():
     adapted = tta.adapt(model, "tent")
     assert list(adapted.model.state_dict()) == keys
     assert [k.removeprefix("model.") for k in adapted.state_dict() if k != "_extra_state"] == keys
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_the_plain_mixed_batch_norm_matches_float64_with_and_without_gradients(alpha, with_grad):
+    """tta.norm_layers.mixed_batch_norm (the default path): each branch against the layer's definition in float64,
+    and its gradients against autograd through that definition."""
+    from tta.norm_layers import mixed_batch_norm
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 4, 5, 5, generator=g) * 2 + 1
+    weight, bias = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    running_mean, running_var = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5
+
+    def definition(x, weight, bias):
+        dims = [0, 2, 3]
+        mean = alpha * running_mean.double() + (1 - alpha) * x.mean(dims)
+        var = alpha * running_var.double() + (1 - alpha) * x.var(dims, correction=0)
+        shape = (1, -1, 1, 1)
+        return (x - mean.view(shape)) / torch.sqrt(var.view(shape) + 1e-5) * weight.view(shape) + bias.view(shape)
+
+    inputs = [t.clone().requires_grad_(with_grad) for t in (x, weight, bias)]
+    expected_inputs = [t.double().requires_grad_(with_grad) for t in (x, weight, bias)]
+    with torch.set_grad_enabled(with_grad):
+        y = mixed_batch_norm(inputs[0], inputs[1], inputs[2], running_mean, running_var, alpha, 1e-5)
+        expected = definition(*expected_inputs)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    if with_grad:
+        target = torch.randn(y.shape, generator=g)
+        ours = torch.autograd.grad((y * target).sum(), inputs)
+        theirs = torch.autograd.grad((expected * target.double()).sum(), expected_inputs)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+def test_the_plain_mixed_batch_norm_keeps_a_bfloat16_input_s_dtype():
+    from tta.norm_layers import mixed_batch_norm
+
+    x = torch.randn(8, 3, 4, 4).bfloat16().requires_grad_()
+    weight = torch.ones(3, requires_grad=True)
+    for alpha in (0.0, 0.5):
+        y = mixed_batch_norm(x, weight, torch.zeros(3), torch.zeros(3), torch.ones(3), alpha, 1e-5)
+        assert y.dtype == torch.bfloat16
+        y.float().sum().backward()
+        assert x.grad.dtype == torch.bfloat16

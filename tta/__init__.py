@@ -3,7 +3,8 @@ import tta._compat  # noqa: F401  (first: makes torchvision / robustbench import
 from tta import methods as _methods  # noqa: F401  (registers the built-in methods)
 from tta.api import adapt, method_options
 from tta.base import Adapted, BatchNormAdapter, GradientAdapter
-from tta.cpu_memory import retain_freed_memory
+from tta import accel
+from tta.accel import retain_freed_memory  # deprecated alias of tta.accel.enable(), removed in 0.3
 from tta.guard import CollapseGuard
 from tta.options import GradientOptions, MethodOptions
 from tta.registry import methods, register
@@ -11,5 +12,5 @@ from tta.source_stats import SourceStats, source_stats
 
 __all__ = ["adapt", "methods", "method_options", "register", "source_stats", "SourceStats", "Adapted",
            "BatchNormAdapter", "GradientAdapter", "CollapseGuard", "MethodOptions", "GradientOptions",
-           "retain_freed_memory"]
-__version__ = "0.1.0"
+           "accel", "retain_freed_memory"]
+__version__ = "0.2.0"

@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from tta.lean_graph import AUTO_MIN_INPUT_ELEMENTS, LeanGraph
+from tta import accel
 from tta.norm_layers import MixedBatchNorm, find_batchnorms, swap_batchnorms, undo_swaps
 from tta.optim import make_optimizer
 from tta.options import GradientOptions, MethodOptions
 from tta.snapshot import Snapshot
 from tta.validation import check_batch, expected_input_ndim, model_dtype
+
+
+LEAN_GRAPH_DEPRECATION = (
+    "the lean_graph option is deprecated and will be removed in tta 0.3: the lean graph is part of the opt-in CPU "
+    "fast path, tta.accel.enable(lean_graph=True) (tta commands: on for CPU runs, --no-accel to turn it off). "
+    "Until then 'on' and 'off' are honoured for this adapter and 'auto' follows tta.accel")
 
 
 class Adapted(nn.Module):
@@ -163,8 +170,8 @@ class GradientAdapter(BatchNormAdapter):
     Every other parameter gets ``requires_grad=False`` while adapted (no weight gradients are computed for it,
     and it never changes); ``release()`` restores the flags. Each step: forward, loss, backward, optimizer step;
     the logits returned are those of the last forward, computed before its update (as tent does).
-    With ``lean_graph`` on (by default for CPU batches of 2^17 input elements and more) the forward pass runs under
-    :class:`tta.lean_graph.LeanGraph`, which keeps fewer activations for the backward pass, with the same gradients.
+    The step is autograd's ordinary graph; with ``tta.accel.enable()``, large CPU batches run their forward pass
+    under :class:`tta.accel.lean_graph.LeanGraph` (fewer saved activations, the same gradients).
     A step whose loss is not finite (e.g. from inputs so large that the network overflows) is skipped, so one bad
     batch cannot poison the parameters; ``skipped_steps`` counts them.
     """
@@ -174,8 +181,11 @@ class GradientAdapter(BatchNormAdapter):
     may_skip_update: ClassVar[bool] = True
 
     def _setup(self) -> None:
-        if self.options.lean_graph not in ("auto", "on", "off"):  # before the model is touched
-            raise ValueError(f"{self.name}: lean_graph must be 'auto', 'on' or 'off', got {self.options.lean_graph!r}")
+        if self.options.lean_graph is not None:  # deprecated option; checked before the model is touched
+            if self.options.lean_graph not in ("auto", "on", "off"):
+                raise ValueError(f"{self.name}: lean_graph must be 'auto', 'on' or 'off', got "
+                                 f"{self.options.lean_graph!r}")
+            warnings.warn(LEAN_GRAPH_DEPRECATION, FutureWarning, stacklevel=4)
         super()._setup()
         self.params = [p for layer in self.norm_layers for p in (layer.weight, layer.bias) if p is not None]
         if not self.params:
@@ -201,7 +211,7 @@ class GradientAdapter(BatchNormAdapter):
                                "call it outside (torch.no_grad() around it is fine)")
         with torch.enable_grad():
             for _ in range(self.options.steps):
-                with LeanGraph() if self._lean_graph(x) else contextlib.nullcontext():
+                with self._graph_mode(x):
                     logits = self.model(x)
                     loss = self.loss(x, logits)
                 if not bool(torch.isfinite(loss)):
@@ -213,11 +223,15 @@ class GradientAdapter(BatchNormAdapter):
         self.optimizer.zero_grad(set_to_none=True)
         return logits.detach()
 
-    def _lean_graph(self, x: torch.Tensor) -> bool:
-        """Whether this batch's forward runs under :class:`~tta.lean_graph.LeanGraph` (option ``lean_graph``)."""
+    def _graph_mode(self, x: torch.Tensor) -> contextlib.AbstractContextManager:
+        """Where this batch's forward is recorded: autograd's graph, or :class:`~tta.accel.lean_graph.LeanGraph`
+        when :mod:`tta.accel` says so (or the deprecated option ``lean_graph`` is ``"on"``; ``"off"``: never)."""
         choice = self.options.lean_graph
-        return choice == "on" or (choice == "auto" and x.device.type == "cpu"
-                                  and x.numel() >= AUTO_MIN_INPUT_ELEMENTS)
+        if choice == "on":
+            from tta.accel.lean_graph import LeanGraph
+
+            return LeanGraph()
+        return (None if choice == "off" else accel.lean_graph_mode(x)) or contextlib.nullcontext()
 
     def _teardown(self) -> None:
         for name, p in self.model.named_parameters():

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from tta.lean_graph import outside_lean_graph
-from tta.mixed_bn_kernel import mixed_batch_norm
+from tta import accel
 
 
 def find_batchnorms(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
@@ -22,13 +21,55 @@ def find_batchnorms(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
 
 
+def mix_statistics(alpha: float, source: torch.Tensor | None, batch: torch.Tensor) -> torch.Tensor:
+    """``alpha * source + (1 - alpha) * batch`` (the batch alone without source statistics or at alpha = 0)."""
+    if source is None or alpha == 0.0:
+        return batch
+    return alpha * source + (1.0 - alpha) * batch
+
+
+def mixed_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                     running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                     alpha: float, eps: float) -> torch.Tensor:
+    """Normalise a (N, C, *) batch with ``alpha * source + (1 - alpha) * batch`` statistics (biased batch variance),
+    in plain PyTorch: gradients flow through the batch statistics by autograd. The running statistics are read,
+    never updated.
+
+    Batch statistics alone (alpha = 0, or no source statistics): batch_norm's training mode without running
+    buffers. Mixed, without gradients: PyTorch's one-pass statistics kernel (``batch_norm_update_stats``, 3x faster
+    than ``var_mean`` on CPU) and batch_norm's eval kernel. Mixed, with gradients (batch_norm does not differentiate
+    its running-statistics arguments): ``var_mean``, then ``x * scale + shift`` with per-channel ``scale`` and
+    ``shift`` (the eval kernel's own arithmetic), one elementwise pass each way.
+    """
+    if running_mean is None or running_var is None or alpha == 0.0:
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    if not torch.is_grad_enabled() or not (x.requires_grad or any(t is not None and t.requires_grad
+                                                                   for t in (weight, bias))):
+        batch_mean, batch_var = torch.batch_norm_update_stats(x, None, None, 0.0)  # biased variance
+        mean = mix_statistics(alpha, running_mean, batch_mean.to(wide))
+        var = mix_statistics(alpha, running_var, batch_var.to(wide))
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+    batch_var, batch_mean = torch.var_mean(x.to(wide), dim=[0, *range(2, x.dim())], correction=0)
+    mean, var = mix_statistics(alpha, running_mean, batch_mean), mix_statistics(alpha, running_var, batch_var)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)
+
+
 class MixedBatchNorm(nn.Module):
     """BatchNorm whose statistics are ``alpha * source + (1 - alpha) * batch`` (alpha: weight of the SOURCE).
 
     alpha = 1 normalises with the source running statistics (the source model), alpha = 0 with the statistics of
     the current batch (test-time BN). Running statistics are never updated. The layer behaves the same in train
-    and eval mode. With gradients enabled, gradients flow through the batch statistics (as in tent). The
-    arithmetic (fast statistics, the eval kernel, the hand-written backward) is in :mod:`tta.mixed_bn_kernel`.
+    and eval mode. With gradients enabled, gradients flow through the batch statistics (as in tent). The arithmetic
+    is :func:`mixed_batch_norm` (plain PyTorch, autograd), or on CPU with ``tta.accel.enable()`` the fast path of
+    :mod:`tta.accel.batch_norm` (same values to rounding).
     A layer built without running statistics (``track_running_stats=False``) always uses batch statistics.
     """
 
@@ -58,9 +99,8 @@ class MixedBatchNorm(nn.Module):
             raise ValueError(f"MixedBatchNorm expected (N, {self.num_features}, ...) input, got {tuple(x.shape)}")
         if not self.uses_batch_statistics:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        with outside_lean_graph():
-            return mixed_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.alpha,
-                                    self.eps)
+        arithmetic = accel.fast_batch_norm(x) or mixed_batch_norm
+        return arithmetic(x, self.weight, self.bias, self.running_mean, self.running_var, self.alpha, self.eps)
 
 
 @dataclass

@@ -39,10 +39,10 @@ class GradientOptions(MethodOptions):
     momentum: float = option(0.9, "SGD momentum (tent, ImageNet: 0.9)")
     nesterov: bool = option(True, "Nesterov momentum for SGD (tent's configuration: True)")
     weight_decay: float = option(0.0, "weight decay (tent: 0)")
-    lean_graph: Literal["auto", "on", "off"] = option(
-        "auto", "keep fewer activations for the backward pass, same gradients bit for bit (frozen convolutions keep "
-                "only their weight, ReLUs a mask; tta.lean_graph): on, off, or auto = on for CPU batches of at least "
-                "2^17 input elements (43 CIFAR images, one 224 px image), off on GPUs (not measured there yet)")
+    lean_graph: Literal["auto", "on", "off"] | None = option(
+        None, "deprecated (removed in 0.3; warns): use tta.accel.enable(lean_graph=...). 'on'/'off' force the lean "
+              "graph of tta.accel.lean_graph on/off for this adapter; None or 'auto' follow tta.accel",
+        cli="deprecated")
 
 
 def options_from_kwargs(options_cls: type, method: str, kwargs: dict[str, Any]) -> Any:

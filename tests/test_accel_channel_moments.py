@@ -10,8 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tta import native, native_moments
-from tta.mixed_bn_kernel import CONDITION_LIMIT, batch_statistics
+import tta
+from tta.accel import channel_moments as native_moments
+from tta.accel import kernels as native
+from tta.accel.batch_norm import CONDITION_LIMIT, batch_statistics
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                     reason="no C compiler on this machine: the kernel is not built (PyTorch ops used)")
@@ -21,6 +23,14 @@ def float64_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.double().transpose(0, 1).reshape(x.shape[1], -1)
     mean = x.mean(1)
     return mean, ((x - mean[:, None]) ** 2).mean(1)
+
+
+@pytest.fixture(autouse=True)
+def kernels_on():
+    """The kernels of tta.accel on (the allocator pieces stay off: they are process-wide)."""
+    tta.accel.enable(tensor_cache=False, malloc=False)
+    yield
+    tta.accel.disable()
 
 
 @pytest.fixture

@@ -1,23 +1,25 @@
-"""The arithmetic of :class:`tta.norm_layers.MixedBatchNorm`: batch statistics, mixing, and its gradient.
+"""The ``batch_norm`` piece of :mod:`tta.accel`: :class:`tta.norm_layers.MixedBatchNorm`'s arithmetic on CPU, fast.
 
-Why a kernel of our own: on CPU, ``torch.var_mean`` over (N, H, W) and the statistics pass of batch_norm's
-training kernel cost as much as a third of a ResNet-20 forward, which made test-time BN 1.3x and alpha-BN 2x
-plain inference. Here:
+The plain path (:func:`tta.norm_layers.mixed_batch_norm`) is batch_norm's training mode for batch statistics and
+``var_mean`` plus the written-out normalisation for mixed ones, differentiated by autograd. On CPU, ``var_mean`` over
+(N, H, W) and the statistics pass of batch_norm's training kernel cost as much as a third of a ResNet-20 forward.
+Here:
 
-- statistics: per-channel sums and sums of squares in one pass of a small C kernel (:mod:`tta.native_moments`),
-  or, where it is not built, over contiguous rows with PyTorch's float32 sums (about 5x faster than
-  ``var_mean`` on CPU). ``E[x^2] - E[x]^2`` loses precision when a channel's mean is large against its spread, so
-  any layer with ``mean^2 > 1e3 * var`` in some channel (relative error of float32 sums above ~1e-4), or with
-  an overflowing sum, is recomputed with the native (Welford) kernel ``torch.batch_norm_update_stats``. Other
-  devices and layouts use the native kernel directly (it is fused there, and the check would cost a host sync).
+- statistics: per-channel sums and sums of squares in one pass of a small C kernel
+  (:mod:`tta.accel.channel_moments`), or, where it is off, over contiguous rows with PyTorch's float32 sums (about
+  5x faster than ``var_mean`` on CPU). ``E[x^2] - E[x]^2`` loses precision when a channel's mean is large against its
+  spread, so any layer with ``mean^2 > 1e3 * var`` in some channel (relative error of float32 sums above ~1e-4), or
+  with an overflowing sum, is recomputed with PyTorch's (Welford) kernel ``torch.batch_norm_update_stats``. Other
+  layouts use that kernel directly.
 - normalisation: batch_norm's one-pass eval kernel with the mixed statistics, for every alpha.
-- gradient (tent, core, cafa): one autograd Function. For alpha = 0 its backward is batch_norm's own
-  training-mode backward; for alpha > 0 it is the eval-mode backward's sums plus the closed-form term through
-  the (1 - alpha)-weighted batch mean and variance (derivation in :meth:`MixedBatchNormFunction.backward`),
-  its elementwise part one eval-kernel pass and one in-place pass on CPU.
+- gradient (tent, core, cafa): one autograd Function with a hand-written backward. For alpha = 0 it is
+  batch_norm's own training-mode backward; for alpha > 0 it is the eval-mode backward's sums plus the closed-form
+  term through the (1 - alpha)-weighted batch mean and variance (derivation in
+  :meth:`MixedBatchNormFunction.backward`), its elementwise part one pass of a C kernel, or one eval-kernel pass and
+  one in-place pass.
 
-Under ``torch.compile`` the straightforward formulation (:func:`reference_mixed_batch_norm`) is traced
-instead: Inductor fuses it on its own, and the conditioning check would break the graph.
+Under ``torch.compile`` the plain formulation is traced instead: Inductor fuses it on its own, and the conditioning
+check would break the graph. Only double backward is lost (the backward is ``once_differentiable``).
 """
 from __future__ import annotations
 
@@ -25,7 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from tta import native, native_moments
+from tta.accel import channel_moments, kernels
+from tta.accel.lean_graph import outside_lean_graph
+from tta.norm_layers import mix_statistics as _mix
+from tta.norm_layers import mixed_batch_norm as plain_mixed_batch_norm
 
 #: A channel whose squared mean exceeds this multiple of its variance has its statistics recomputed with the
 #: native kernel: float32 ``E[x^2] - E[x]^2`` has a relative error of about 6e-8 * (1 + mean^2 / var).
@@ -58,12 +63,12 @@ def batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of a (N, C, *) batch (float32 or wider), without gradient.
 
     On CPU, float32 and bfloat16 maps (contiguous or channels-last) go to the one-pass C kernel of
-    :mod:`tta.native_moments` when it is built. Without it, contiguous float32 and float64 maps take two passes of
-    float32 (or wider) sums, and bfloat16/float16 maps (autocast) the native kernel, which reads them directly
+    :mod:`tta.accel.channel_moments` when the ``kernels`` piece is on. Without it, contiguous float32 and float64
+    maps take two passes of float32 (or wider) sums, and bfloat16/float16 maps (autocast) the native kernel, which reads them directly
     where the sums would first widen every element (3.5 ms against 0.9 ms at (200, 16, 32, 32), one thread).
     Ill-conditioned layers (see ``CONDITION_LIMIT``) go to the native kernel.
     """
-    moments = native_moments.channel_moments(x, CONDITION_LIMIT)
+    moments = channel_moments.channel_moments(x, CONDITION_LIMIT)
     if moments is not None:  # the one-pass C kernel
         mean, var, well_conditioned = moments
         return (mean, var) if well_conditioned else native_batch_statistics(x)
@@ -76,19 +81,13 @@ def batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return native_batch_statistics(x)
 
 
-def _mix(alpha: float, source: torch.Tensor | None, batch: torch.Tensor) -> torch.Tensor:
-    if source is None or alpha == 0.0:
-        return batch
-    return alpha * source + (1.0 - alpha) * batch
-
-
 def _native_affine_plus_scaled(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor,
                                s: torch.Tensor) -> torch.Tensor | None:
-    """``a * x + b + s * g`` in one pass of the C kernel (``tta/csrc/affine_plus_scaled.c``): float32 CPU maps x and
-    g of one layout, in the layouts the statistics kernel takes (:func:`tta.native_moments.layout`: rows of at least
-    16 positions, or channels last). None where it does not apply or is not built."""
-    lib = native.library()
-    kind = native_moments.layout(x)
+    """``a * x + b + s * g`` in one pass of the C kernel (``csrc/affine_plus_scaled.c``): float32 CPU maps x and
+    g of one layout, in the layouts the statistics kernel takes (:func:`tta.accel.channel_moments.layout`: rows of at
+    least 16 positions, or channels last). None where it does not apply or the kernels are off."""
+    lib = kernels.active_library()
+    kind = channel_moments.layout(x)
     if lib is None or kind is None or x.dtype != torch.float32 or g.dtype != torch.float32 or g.shape != x.shape \
             or g.stride() != x.stride():
         return None
@@ -174,34 +173,18 @@ class MixedBatchNormFunction(torch.autograd.Function):
         return gx, s_gx if need_w else None, s_g if need_b else None, None, None, None, None
 
 
-def reference_mixed_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                               running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                               alpha: float, eps: float) -> torch.Tensor:
-    """The straightforward formulation (``var_mean`` and the written-out normalisation), differentiable by autograd.
-
-    Used under ``torch.compile`` and as the reference the fast path is tested against.
-    """
-    dims = [0, *range(2, x.dim())]
-    var_t, mean_t = torch.var_mean(x, dim=dims, correction=0)
-    alpha = 0.0 if running_mean is None else alpha
-    mean, var = _mix(alpha, running_mean, mean_t), _mix(alpha, running_var, var_t)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
-    if weight is not None:
-        y = y * weight.view(shape)
-    if bias is not None:
-        y = y + bias.view(shape)
-    return y
-
-
 def mixed_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                      running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                      alpha: float, eps: float) -> torch.Tensor:
-    """Normalise x with ``alpha * source + (1 - alpha) * batch`` statistics (alpha: the weight of the SOURCE)."""
+    """Normalise x with ``alpha * source + (1 - alpha) * batch`` statistics (alpha: the weight of the SOURCE); the
+    same values as :func:`tta.norm_layers.mixed_batch_norm` to rounding, and its gradients."""
     if torch.compiler.is_compiling():
-        return reference_mixed_batch_norm(x, weight, bias, running_mean, running_var, alpha, eps)
-    if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in (weight, bias))):
-        return MixedBatchNormFunction.apply(x, weight, bias, running_mean, running_var, alpha, eps)
-    mean, var = batch_statistics(x)
-    mean, var = _mix(alpha, running_mean, mean), _mix(alpha, running_var, var)
-    return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        return plain_mixed_batch_norm(x, weight, bias, running_mean, running_var, alpha, eps)
+    with outside_lean_graph():
+        if torch.is_grad_enabled() and (x.requires_grad
+                                        or any(t is not None and t.requires_grad for t in (weight, bias))):
+            return MixedBatchNormFunction.apply(x, weight, bias, running_mean, running_var, alpha, eps)
+        mean, var = batch_statistics(x)
+        alpha = 0.0 if running_mean is None else alpha
+        mean, var = _mix(alpha, running_mean, mean), _mix(alpha, running_var, var)
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)

@@ -1,5 +1,5 @@
-"""tta.tensor_cache: the caching CPU allocator reuses freed blocks by size, stays within its bound, gives pages back
-on release, reports to the profiler, and survives threads and fork.
+"""tta.accel.tensor_cache: the caching CPU allocator reuses freed blocks by size, stays within its bound, gives pages
+back on release, reports to the profiler, and survives threads and fork.
 
 The allocator is process-wide, so each scenario runs in a fresh interpreter (one per test module, see ``probe``)
 and reports its counters as JSON; the tests compare them with values computed by hand. MiB = 2**20 bytes; a float32
@@ -26,7 +26,7 @@ needs_linux_cxx = pytest.mark.skipif(
 SCENARIOS = r"""
 import json, os, threading, torch
 torch.set_num_threads(1)  # the forked child must not start an OpenMP pool its parent already has
-from tta import tensor_cache as tc
+from tta.accel import tensor_cache as tc
 MIB = 2**20
 out = {}
 
@@ -219,7 +219,7 @@ def test_uninstall_restores_malloc_and_still_takes_back_its_blocks(probe):
 
 
 def test_bad_settings_are_refused():
-    from tta import tensor_cache
+    from tta.accel import tensor_cache
     with pytest.raises(ValueError, match="threshold_bytes"):
         tensor_cache.install(threshold_bytes=0)
     with pytest.raises(ValueError, match="max_cached_ratio"):
@@ -227,7 +227,7 @@ def test_bad_settings_are_refused():
 
 
 def test_without_a_compiler_nothing_changes(tmp_path):
-    code = ("import json; from tta import tensor_cache as tc; "
+    code = ("import json; from tta.accel import tensor_cache as tc; "
             "print(json.dumps([tc.install(), tc.installed(), tc.status()['detail'], tc.release()]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "CXX": shutil.which("false") or "/bin/false",

@@ -1,5 +1,5 @@
-"""The lean autograd graph (tta.lean_graph) and its bit-mask ReLU kernels (tta.native_relu): the same values and
-gradients as autograd's, bit for bit, with fewer bytes saved for the backward pass."""
+"""The lean autograd graph (tta.accel.lean_graph) and its bit-mask ReLU kernels (tta.accel.relu_mask): the same
+values and gradients as autograd's, bit for bit, with fewer bytes saved for the backward pass."""
 from __future__ import annotations
 
 import contextlib
@@ -14,11 +14,20 @@ from hypothesis import strategies as st
 from torch import nn
 
 import tta
-from tta import native, native_relu
-from tta.lean_graph import LeanGraph
+from tta.accel import kernels as native
+from tta.accel import relu_mask as native_relu
+from tta.accel.lean_graph import LeanGraph
 from tta.methods.tent import softmax_entropy
 
 needs_kernels = pytest.mark.skipif(native.library() is None, reason=f"C kernels not built: {native.status()}")
+
+
+@pytest.fixture(autouse=True)
+def kernels_on():
+    """The kernels and fast BatchNorm of tta.accel on (the allocator pieces stay off: they are process-wide)."""
+    tta.accel.enable(tensor_cache=False, malloc=False)
+    yield
+    tta.accel.disable()
 
 
 def packed_pass_bits(x: torch.Tensor) -> np.ndarray:
@@ -137,9 +146,11 @@ def small_net(inplace: bool = False, dims: int = 2, seed: int = 0) -> nn.Module:
     return net.eval()
 
 
-def adapted_step(model: nn.Module, x: torch.Tensor, method: str = "tent", **options) -> tuple:
-    """One step of ``method``: (logits, gradients of the adapted parameters, parameters after the update)."""
+def adapted_step(model: nn.Module, x: torch.Tensor, method: str = "tent", lean: bool = False, **options) -> tuple:
+    """One step of ``method`` with its forward under LeanGraph or autograd's graph (whatever the batch size):
+    (logits, gradients of the adapted parameters, parameters after the update)."""
     adapted = tta.adapt(copy.deepcopy(model), method, **options)
+    adapted._graph_mode = lambda x: LeanGraph() if lean else contextlib.nullcontext()
     captured = []
     adapted.optimizer.step = (lambda step: lambda *a, **k: (captured.append(
         [p.grad.clone() for p in adapted.params]), step(*a, **k))[1])(adapted.optimizer.step)
@@ -157,8 +168,8 @@ def test_tent_step_is_bitwise_the_same_with_the_lean_graph(inplace, layout):
         model = model.to(memory_format=torch.channels_last)
     if layout != "contiguous":  # channels_last_input: the weights stay contiguous
         x = x.contiguous(memory_format=torch.channels_last)
-    lean = adapted_step(model, x, lean_graph="on")
-    plain = adapted_step(model, x, lean_graph="off")
+    lean = adapted_step(model, x, lean=True)
+    plain = adapted_step(model, x, lean=False)
     assert torch.equal(lean[0], plain[0])
     for a, b in zip(lean[1] + lean[2], plain[1] + plain[2]):
         assert torch.equal(a, b)
@@ -174,8 +185,8 @@ def test_other_gradient_methods_are_bitwise_the_same(method):
         g = torch.Generator().manual_seed(6)
         labelled = [(torch.randn(10, 3, 16, 16, generator=g), torch.arange(10) % 5) for _ in range(2)]
         options["source_stats"] = tta.source_stats(model, labelled)
-    lean = adapted_step(model, x, method, lean_graph="on", **options)
-    plain = adapted_step(model, x, method, lean_graph="off", **options)
+    lean = adapted_step(model, x, method, lean=True, **options)
+    plain = adapted_step(model, x, method, lean=False, **options)
     for a, b in zip([lean[0], *lean[1], *lean[2]], [plain[0], *plain[1], *plain[2]]):
         assert torch.equal(a, b)
 
@@ -184,15 +195,15 @@ def test_other_gradient_methods_are_bitwise_the_same(method):
 def test_frozen_convolutions_of_other_dimensions_give_autograd_s_gradient(dims):
     model = small_net(dims=dims)
     x = torch.randn(4, 3, *([8] * dims), generator=torch.Generator().manual_seed(5))
-    lean = adapted_step(model, x, lean_graph="on")
-    plain = adapted_step(model, x, lean_graph="off")
+    lean = adapted_step(model, x, lean=True)
+    plain = adapted_step(model, x, lean=False)
     for a, b in zip(lean[1], plain[1]):
         assert torch.equal(a, b)
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor, lean: bool) -> dict[int, int]:
     """Storages saved for the backward pass of tent's loss: {data pointer: bytes}, parameters excluded."""
-    adapted = tta.adapt(copy.deepcopy(model), "tent", lean_graph="on" if lean else "off")
+    adapted = tta.adapt(copy.deepcopy(model), "tent")
     parameters = {p.untyped_storage().data_ptr() for p in adapted.model.parameters()}
     saved: dict[int, int] = {}
 
@@ -245,17 +256,17 @@ def test_without_the_c_kernels_the_relus_keep_autograd_s_node(monkeypatch):
         assert type(F.relu(x * 1).grad_fn).__name__ == "ReluBackward0"
     model = small_net()
     batch = torch.randn(4, 3, 16, 16)
-    for a, b in zip(adapted_step(model, batch, lean_graph="on")[1], adapted_step(model, batch, lean_graph="off")[1]):
+    for a, b in zip(adapted_step(model, batch, lean=True)[1], adapted_step(model, batch, lean=False)[1]):
         assert torch.equal(a, b)
 
 
 def test_boolean_masks_where_the_bit_kernels_do_not_run(monkeypatch):
     """The GPU path (boolean masks), run here on CPU: the same step bit for bit, and 8 bits saved per element."""
     monkeypatch.setattr(native, "library", lambda: None)
-    monkeypatch.setattr("tta.lean_graph.BOOLEAN_MASK_DEVICES", frozenset({"cpu"}))
+    monkeypatch.setattr("tta.accel.lean_graph.BOOLEAN_MASK_DEVICES", frozenset({"cpu"}))
     model = small_net(inplace=True)
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(7))
-    lean, plain = adapted_step(model, x, lean_graph="on"), adapted_step(model, x, lean_graph="off")
+    lean, plain = adapted_step(model, x, lean=True), adapted_step(model, x, lean=False)
     for a, b in zip([lean[0], *lean[1], *lean[2]], [plain[0], *plain[1], *plain[2]]):
         assert torch.equal(a, b)
     full_map = 6 * 4 * 8 * 8 * 4
@@ -263,14 +274,30 @@ def test_boolean_masks_where_the_bit_kernels_do_not_run(monkeypatch):
     assert saved == sorted([full_map] * 5 + [full_map // 4] * 5)
 
 
-def test_auto_means_on_for_cpu_batches_and_a_bad_value_is_refused():
-    adapted = tta.adapt(small_net(), "tent")
-    assert adapted.options.lean_graph == "auto"
+def test_accel_runs_large_cpu_batches_under_the_lean_graph():
     large, small = torch.zeros(43, 3, 32, 32), torch.zeros(42, 3, 32, 32)  # 2^17 input elements: from 43 images
-    assert adapted._lean_graph(large) and not adapted._lean_graph(small)
-    assert not adapted._lean_graph(torch.zeros(43, 3, 32, 32, device="meta"))
-    assert tta.adapt(small_net(), "tent", lean_graph="on")._lean_graph(small)
-    assert not tta.adapt(small_net(), "tent", lean_graph="off")._lean_graph(large)
+    assert 43 * 3 * 32 * 32 >= tta.accel.LEAN_GRAPH_MIN_INPUT_ELEMENTS > 42 * 3 * 32 * 32
+    adapted = tta.adapt(small_net(), "tent")
+    assert isinstance(adapted._graph_mode(large), LeanGraph)
+    assert not isinstance(adapted._graph_mode(small), LeanGraph)
+    assert not isinstance(adapted._graph_mode(torch.zeros(43, 3, 32, 32, device="meta")), LeanGraph)
+    tta.accel.enable(lean_graph=False, tensor_cache=False, malloc=False)
+    assert not isinstance(adapted._graph_mode(large), LeanGraph)
+    tta.accel.disable()
+    assert not isinstance(adapted._graph_mode(large), LeanGraph)
+
+
+def test_the_deprecated_lean_graph_option_warns_and_is_honoured():
+    large, small = torch.zeros(43, 3, 32, 32), torch.zeros(42, 3, 32, 32)
+    with pytest.warns(FutureWarning, match=r"tta\.accel\.enable\(lean_graph=True\)"):
+        forced = tta.adapt(small_net(), "tent", lean_graph="on")
+    assert isinstance(forced._graph_mode(small), LeanGraph)
+    with pytest.warns(FutureWarning, match="deprecated"):
+        never = tta.adapt(small_net(), "tent", lean_graph="off")
+    assert not isinstance(never._graph_mode(large), LeanGraph)
+    with pytest.warns(FutureWarning, match="deprecated"):
+        auto = tta.adapt(small_net(), "tent", lean_graph="auto")
+    assert isinstance(auto._graph_mode(large), LeanGraph)  # follows tta.accel (on here)
     model = small_net()
     with pytest.raises(ValueError, match="lean_graph must be 'auto', 'on' or 'off'"):
         tta.adapt(model, "tent", lean_graph=True)

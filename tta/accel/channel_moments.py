@@ -1,20 +1,20 @@
-"""One-pass per-channel batch statistics on CPU from a small C kernel (``tta/csrc/channel_moments.c``).
+"""One-pass per-channel batch statistics on CPU from a small C kernel (``tta/accel/csrc/channel_moments.c``).
 
 Why: test-time BN computes a mean and a variance for every BatchNorm layer of every batch, and on CPU that
 statistics pass is memory-bound: PyTorch's eager ops read the activation map twice (a sum and a sum of squares),
 the kernel reads it once (float32 and bfloat16 maps, contiguous and channels-last layouts). On ResNet-20 at
 batch 200 (one thread) that is 0.6 ms instead of 1.3 ms for a (200, 16, 32, 32) map. The kernel is built and
-loaded by :mod:`tta.native`.
+loaded by :mod:`tta.accel.kernels`.
 
-Everything here is optional: where the kernels are not built (no C compiler, ``TTA_NATIVE=0``),
-:func:`channel_moments` returns None and :mod:`tta.mixed_bn_kernel` uses PyTorch's ops (same values to rounding).
-:func:`status` says which is in use and why.
+Everything here is optional: where the kernels are not built (no C compiler, ``TTA_NATIVE=0``) or the ``kernels``
+piece of :mod:`tta.accel` is off, :func:`channel_moments` returns None and :mod:`tta.accel.batch_norm` uses
+PyTorch's ops (same values to rounding). :func:`status` says whether they are built and why not.
 """
 from __future__ import annotations
 
 import torch
 
-from tta import native
+from tta.accel import kernels
 
 #: Element types the kernel reads, with the suffix of their entry points.
 SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -50,7 +50,7 @@ def channel_moments(x: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.
     kind = layout(x)
     if kind is None:
         return None
-    lib = native.library()
+    lib = kernels.active_library()
     if lib is None:
         return None
     n, c = x.shape[:2]
@@ -71,4 +71,4 @@ def channel_moments(x: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.
 
 def status() -> dict[str, object]:
     """Whether the one-pass kernel is in use (builds it if needed): ``{"available": bool, "detail": str}``."""
-    return native.status()
+    return kernels.status()

@@ -1,4 +1,5 @@
-"""MixedBatchNorm's fast kernel against float64 hand computations, autograd's gradcheck and the plain formulation."""
+"""MixedBatchNorm's fast arithmetic (tta.accel.batch_norm) against float64 hand computations, autograd's gradcheck and
+the plain path (tta.norm_layers.mixed_batch_norm)."""
 from __future__ import annotations
 
 import pytest
@@ -7,9 +8,19 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tta.mixed_bn_kernel import (CONDITION_LIMIT, MixedBatchNormFunction, _affine_plus_scaled,
-                                 _native_affine_plus_scaled, batch_statistics,
-                                 mixed_batch_norm, native_batch_statistics, reference_mixed_batch_norm)
+import tta
+from tta.accel.batch_norm import (CONDITION_LIMIT, MixedBatchNormFunction, _affine_plus_scaled,
+                                  _native_affine_plus_scaled, batch_statistics, mixed_batch_norm,
+                                  native_batch_statistics)
+from tta.norm_layers import mixed_batch_norm as plain_mixed_batch_norm
+
+
+@pytest.fixture(autouse=True)
+def kernels_on():
+    """The kernels and fast BatchNorm of tta.accel on (the allocator pieces stay off: they are process-wide)."""
+    tta.accel.enable(tensor_cache=False, malloc=False)
+    yield
+    tta.accel.disable()
 
 
 def float64_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +61,7 @@ def test_large_mean_small_spread_falls_back_to_the_exact_kernel():
     _, ref_var = float64_statistics(x)
     assert torch.allclose(var.double(), ref_var, rtol=1e-3)
     # The fast sums alone would be wrong by orders of magnitude here: the check is what saves it.
-    from tta.mixed_bn_kernel import _sum_statistics
+    from tta.accel.batch_norm import _sum_statistics
     _, fast_var = _sum_statistics(x)
     assert (100.0 ** 2 > CONDITION_LIMIT * ref_var).all()
     assert not torch.allclose(fast_var.double(), ref_var, rtol=1e-1)
@@ -104,7 +115,7 @@ def test_forward_and_gradients_equal_the_plain_formulation(alpha, n, c, spatial,
     weight, bias, running_mean, running_var = _layer(c, seed=seed)
     target = torch.randn(n, c, *spatial, dtype=torch.float64)
     grads = []
-    for fn in (mixed_batch_norm, reference_mixed_batch_norm):
+    for fn in (mixed_batch_norm, plain_mixed_batch_norm):
         y = fn(x, weight, bias, running_mean, running_var, alpha, 1e-5)
         loss = (y * target).sum() + (y ** 2).sum()
         grads.append((y.detach(), *torch.autograd.grad(loss, (x, weight, bias))))
@@ -203,7 +214,7 @@ def test_backward_elementwise_part_is_the_per_channel_formula(dtype, channels_la
 def test_backward_elementwise_pass_in_c_matches_pytorch_s_two_passes(monkeypatch, channels_last):
     """The one-pass C kernel (float32) against the eval kernel + addcmul path, to a float32 ulp or two; other
     layouts of the gradient (strides unlike x's) take the PyTorch passes."""
-    from tta import native
+    from tta.accel import kernels as native
     if native.library() is None:
         pytest.skip(f"C kernels not built: {native.status()}")
     g = torch.Generator().manual_seed(1)

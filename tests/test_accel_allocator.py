@@ -1,4 +1,4 @@
-"""tta.cpu_memory: freed memory is kept (the tensor cache for large tensors, glibc's heap for the rest), so
+"""tta.accel.allocator: freed memory is kept (the tensor cache for large tensors, glibc's heap for the rest), so
 re-allocating a large freed buffer costs no page faults.
 
 Each case runs in a fresh interpreter: malloc settings are process-wide and cannot be undone.
@@ -22,8 +22,8 @@ GLIBC_LINUX = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 # frees its saved activations, six times; report the minor page faults of rounds 2 to 6.
 PROBE = """
 import json, resource, sys, torch
-import tta
-applied = tta.retain_freed_memory() if sys.argv[1] == "retain" else None
+from tta.accel import allocator
+applied = allocator.install() and allocator.settings() if sys.argv[1] == "retain" else None
 def round_trip():
     tensors = [torch.ones(25 * 2**20 // 4) for _ in range(8)]
     del tensors
@@ -71,16 +71,33 @@ def test_tta_malloc_default_turns_it_off():
 
 
 def test_an_unknown_tta_malloc_is_refused():
-    code = "import tta; tta.retain_freed_memory()"
+    code = "import tta; tta.accel.enable()"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "TTA_MALLOC": "jemalloc"})
     assert done.returncode != 0 and "TTA_MALLOC='jemalloc': choose retain" in done.stderr
 
 
 def test_idempotent_and_reported():
-    code = ("import json, tta; from tta.cpu_memory import malloc_settings; a = tta.retain_freed_memory(); "
-            "b = tta.retain_freed_memory(); print(json.dumps([a == b, malloc_settings() == a]))")
+    code = ("import json, tta; from tta.accel import allocator; allocator.install(); a = allocator.settings(); "
+            "allocator.install(); b = allocator.settings(); state = tta.accel.enable(); "
+            "print(json.dumps([a == b, allocator.settings() == a, state['malloc']]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == [True, True]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [True, True, GLIBC_LINUX]
+
+
+def test_the_deprecated_alias_warns_and_installs_the_allocator_pieces_only():
+    code = ("import json, warnings, tta; from tta.accel import allocator\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    applied = tta.retain_freed_memory()\n"
+            "state = tta.accel.state()\n"
+            "print(json.dumps([[str(w.category.__name__) for w in caught], str(caught[0].message), "
+            "applied == allocator.settings(), state['kernels'], state['lean_graph'], state['batch_norm']]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    categories, message, same, *others = json.loads(done.stdout.strip().splitlines()[-1])
+    assert categories == ["FutureWarning"] and "tta.accel.enable()" in message
+    assert same and others == [False, False, False]
