@@ -16,7 +16,7 @@ import tta._compat  # noqa: F401
 from tta import accel
 
 #: The subcommands that run models: on CPU they turn the fast path on (tta.accel) unless given --no-accel.
-ACCEL_COMMANDS = frozenset({"demo", "corruption", "domains", "continual", "bench"})
+ACCEL_COMMANDS = frozenset({"demo", "corruption", "domains", "continual", "bench", "sweep"})
 # name -> (module, one-line help). The module provides add_arguments(parser) and run(args).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("eval.demo", "the whole pipeline on an embedded dataset (no download), in under two minutes"),

@@ -11,7 +11,7 @@ import importlib
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from eval.sweep import Cell
 
@@ -56,32 +56,37 @@ def json_roundtrip(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def run_cell(cell: Cell, *, plugins: Sequence[str] = (), threads: int = 1) -> list[dict[str, Any]]:
+def run_cell(cell: Cell, *, plugins: Sequence[str] = (), threads: int = 1,
+             accel: Mapping[str, bool] | None = None) -> list[dict[str, Any]]:
     """Run ``cell`` here and return its records (raises what the run raises). ``plugins``: modules registering
-    methods, imported first; ``threads``: torch's CPU threads, fixed so that records do not depend on the machine."""
+    methods, imported first; ``threads``: torch's CPU threads, fixed so that records do not depend on the machine;
+    ``accel``: the pieces of the CPU fast path to turn on for a CPU cell (``tta.accel.enable(**accel)``, as the
+    ``tta`` commands do), None for plain PyTorch."""
     import torch
 
     from eval.corruption_benchmark import run_benchmark
     from eval.determinism import enable_deterministic
     from eval.records import ResultsLog
-    from tta.cpu_memory import retain_freed_memory
+    from tta import accel as fast_path
 
     for module in plugins:
         importlib.import_module(module)
     torch.set_num_threads(threads)
     if cell.settings.get("deterministic"):
         enable_deterministic()
-    retain_freed_memory()  # as the tta command does before any model runs
+    if accel is not None and str(cell.settings.get("device", "cpu")).startswith("cpu"):
+        fast_path.enable(**accel)  # as the tta commands do before any model runs
     with tempfile.TemporaryDirectory(prefix="tta-cell-") as scratch:
         run_benchmark(cell_config(cell, scratch), report=False)
         records = ResultsLog(Path(scratch) / "results.jsonl").read()
     return [{**r, "cell": cell.key, "sweep": cell.axes()} for r in records]
 
 
-def run_cell_outcome(cell: Cell, *, plugins: Sequence[str] = (), threads: int = 1) -> dict[str, Any]:
+def run_cell_outcome(cell: Cell, *, plugins: Sequence[str] = (), threads: int = 1,
+                     accel: Mapping[str, bool] | None = None) -> dict[str, Any]:
     """:func:`run_cell`, with an exception returned as data: ``{"status": "done", "records": [...]}`` or
     ``{"status": "failed", "error": ..., "traceback": ...}`` (a raising cell must not stop the others)."""
     try:
-        return {"status": "done", "records": run_cell(cell, plugins=plugins, threads=threads)}
+        return {"status": "done", "records": run_cell(cell, plugins=plugins, threads=threads, accel=accel)}
     except Exception as error:  # noqa: BLE001 - any error of a cell is recorded, and the sweep goes on
         return {"status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}

@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from eval.cli import accel_pieces
     from eval.sweep_driver import describe, latest_status, run_sweep
     from eval.sweep_ray import RayExecutor
     from eval.sweep_report import write_sweep_report
@@ -46,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     threads = args.threads or max(1, int(args.cpus_per_cell))
     with RayExecutor(address=args.address, cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell,
-                     threads=threads, plugins=args.plugin, num_cpus=args.num_cpus) as executor:
+                     threads=threads, plugins=args.plugin, num_cpus=args.num_cpus,
+                     accel=accel_pieces(args)) as executor:
         summary = run_sweep(sweep, out, executor, retry_failed=args.retry_failed, progress=not args.no_progress)
     from eval.records import ResultsLog
 

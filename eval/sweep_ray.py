@@ -31,8 +31,9 @@ def import_ray():
     return ray
 
 
-def _cell_task(cell: dict[str, Any], plugins: list[str], threads: int) -> dict[str, Any]:
-    return run_cell_outcome(Cell.from_dict(cell), plugins=plugins, threads=threads)
+def _cell_task(cell: dict[str, Any], plugins: list[str], threads: int,
+               accel: dict[str, bool] | None) -> dict[str, Any]:
+    return run_cell_outcome(Cell.from_dict(cell), plugins=plugins, threads=threads, accel=accel)
 
 
 class RayExecutor:
@@ -40,12 +41,15 @@ class RayExecutor:
 
     ``address``: None starts Ray here (``num_cpus``: the CPUs it may use; default all), or uses the Ray this
     process already started; ``"auto"`` or ``HOST:PORT`` joins a cluster. ``cell_env``: extra environment
-    variables for particular cells (by key), for tests and debugging.
+    variables for particular cells (by key), for tests and debugging. ``accel``: the pieces of the CPU fast path
+    each CPU cell turns on (as the ``tta`` commands do; ``tta sweep`` passes its --no-accel/--accel-without
+    choice), None for plain PyTorch.
     """
 
     def __init__(self, *, address: str | None = None, cpus_per_cell: float = 1.0, gpus_per_cell: float = 0.0,
                  threads: int = 1, plugins: Sequence[str] = (), num_cpus: int | None = None,
-                 cell_env: Mapping[str, Mapping[str, str]] | None = None) -> None:
+                 cell_env: Mapping[str, Mapping[str, str]] | None = None,
+                 accel: Mapping[str, bool] | None = None) -> None:
         if cpus_per_cell <= 0 or gpus_per_cell < 0:
             raise ValueError("--cpus-per-cell must be > 0 and --gpus-per-cell >= 0")
         self.ray = import_ray()
@@ -54,6 +58,7 @@ class RayExecutor:
         self.threads, self.plugins = threads, list(plugins)
         self.num_cpus = num_cpus
         self.cell_env = {k: dict(v) for k, v in (cell_env or {}).items()}
+        self.accel = None if accel is None else dict(accel)
         self._started = False
         self._remote = None
 
@@ -108,7 +113,7 @@ class RayExecutor:
                 cell = queue.pop(0)
                 ref = self._remote.options(num_cpus=self.cpus_per_cell, num_gpus=self.gpus_per_cell,
                                            runtime_env={"env_vars": self._env(cell)}
-                                           ).remote(cell.to_dict(), self.plugins, self.threads)
+                                           ).remote(cell.to_dict(), self.plugins, self.threads, self.accel)
                 running[ref] = cell
             if on_start is not None:
                 on_start(len(running))

@@ -14,9 +14,11 @@ from eval.records import ResultsLog
 from eval.sweep import SweepError, cell_key, load_sweep, parse_sweep, sort_key
 from eval.sweep_cell import run_cell
 from eval.sweep_driver import latest_status, run_sweep
+from tta import accel
 from tests import sweep_plugin  # noqa: F401  (registers fails_unless here too, as --plugin does in the driver)
 
 REPO = Path(__file__).resolve().parents[1]
+ALL_ON = {piece: True for piece in accel.PIECES}  # the fast path as `tta sweep` and `tta corruption` use it
 PLUGIN = "tests.sweep_plugin"
 
 
@@ -148,6 +150,7 @@ def ray_local():
 def executor(**options):
     from eval.sweep_ray import RayExecutor
 
+    options.setdefault("accel", ALL_ON)
     return RayExecutor(cpus_per_cell=1, threads=1, plugins=[PLUGIN], **options)
 
 
@@ -160,7 +163,7 @@ def reference(cell, tmp_path: Path, threads: int = 1):
             "--n-images", str(cell.settings["n_images"]), "--seed", str(cell.seed), "--methods", cell.method,
             "--threads", str(threads), "--no-progress", "--out", str(out)]
     for name, value in cell.options.items():
-        argv += [f"--{cell.method}-{name.replace('_', '-')}", str(value)]
+        argv += ["--set", f"{cell.method}.{name}={value}"]
     before = torch.get_num_threads()
     try:
         assert main(argv) == 0
@@ -319,7 +322,7 @@ domains = ["sketch", "photo"]
     assert cell.severity is None and cell.key == "model=cnn2|data=pacs|protocol=reset|batch_size=8|method=norm|seed=0"
     threads = torch.get_num_threads()
     try:
-        records = run_cell(cell, threads=1)
+        records = run_cell(cell, threads=1, accel=ALL_ON)
         out = tmp_path / "ref"
         assert main(["domains", "--data", str(tmp_path / "pacs"), "--domains", "sketch,photo", "--methods", "norm",
                      "--arch", "eval.demo:digits_cnn", "--weights", str(tmp_path / "cnn2.pt"), "--input-mean",
