@@ -12,7 +12,6 @@ import os
 import sys
 from typing import Sequence
 
-import tta._compat  # noqa: F401
 from tta.cpu_memory import retain_freed_memory
 
 # name -> (module, one-line help). The module provides add_arguments(parser) and run(args).

@@ -15,7 +15,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-import tta._compat  # noqa: F401
 from eval.cifar_resnet import CifarResNet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

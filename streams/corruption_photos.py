@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import tta._compat  # noqa: F401
 from streams.corruption_ops import resize_linear_cv2
 
 FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")
