@@ -15,7 +15,7 @@ $(PY):
 
 $(VENV)/.installed: $(PY) pyproject.toml constraints.txt tools/venv_fixes.py
 	$(PIP_INSTALL) torch==2.13.0
-	$(PIP_INSTALL) -e .
+	$(PIP_INSTALL) -e '.[demo]'
 	$(PY) tools/venv_fixes.py
 	touch $@
 

@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Sequence
 
+from tta._extras import MissingExtraError
 from tta.cpu_memory import retain_freed_memory
 
 # name -> (module, one-line help). The module provides add_arguments(parser) and run(args).
@@ -47,7 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in SUBCOMMANDS:
         command = None
-    parser = build_parser(only=command)
+    try:
+        parser = build_parser(only=command)
+    except MissingExtraError as error:  # the subcommand's module needs an extra that is not installed
+        print(f"tta {command}: error: {error}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -56,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         retain_freed_memory()  # before any model runs: see tta/cpu_memory.py (TTA_MALLOC chooses)
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, MissingExtraError) as error:
         # Errors we raise say what to do; a traceback adds nothing for a user (TTA_DEBUG=1 shows it).
         if os.environ.get("TTA_DEBUG"):
             raise
