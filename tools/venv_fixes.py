@@ -132,10 +132,9 @@ def remove_hook() -> bool:
 
 def write_hook(fixes: list[str]) -> None:
     """Install the hook enabling ``fixes`` (this file as the hook module, and the ``.pth`` line calling it)."""
+    import py_compile
     import shutil
     from pathlib import Path
-
-    import py_compile
 
     site = _site_packages()
     module = site / (HOOK_MODULE + ".py")
@@ -146,7 +145,7 @@ def write_hook(fixes: list[str]) -> None:
     (site / HOOK_PTH).write_text(f"import {HOOK_MODULE}; {HOOK_MODULE}.install({arguments})\n")
 
 
-def fresh_import(statement: str):
+def fresh_import(statement: str) -> subprocess.CompletedProcess[str]:
     """Run ``statement`` in a fresh interpreter of this environment; the completed process."""
     import subprocess
 
@@ -172,13 +171,13 @@ def main(argv: list[str] | None = None) -> int:
         print("venv_fixes: refusing to change an interpreter that is not a virtual environment "
               f"({sys.executable}); run it with the environment's python", file=sys.stderr)
         return 2
+    if argv not in ([], ["--remove"]):
+        print("usage: python tools/venv_fixes.py [--remove]", file=sys.stderr)
+        return 2
     remove_hook()
     if argv == ["--remove"]:
         print(f"venv_fixes: hook removed from {_site_packages()}")
         return 0
-    if argv:
-        print("usage: python tools/venv_fixes.py [--remove]", file=sys.stderr)
-        return 2
     fixes: list[str] = []
     for statement, error, fix, applies in CHECKS:
         if not _installed(statement.split()[-1]):
@@ -193,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                   + result.stderr.strip()[-2000:], file=sys.stderr)
             return 1
     checked = [statement for statement, *_ in CHECKS if _installed(statement.split()[-1])]
-    print(f"venv_fixes: {' and '.join(f'`{s}`' for s in checked)} work in a fresh interpreter; "
+    print(f"venv_fixes: in a fresh interpreter {' and '.join(f'`{s}`' for s in checked)} "
+          + ("work; " if len(checked) > 1 else "works; ")
           + (f"hook installed ({', '.join(fixes)}): {_site_packages() / HOOK_PTH}" if fixes else "no fix needed"))
     return 0
 
