@@ -10,8 +10,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import tta._compat  # noqa: E402,F401
-
 from continual.report import METRIC_LABELS, write_report  # noqa: E402
 
 

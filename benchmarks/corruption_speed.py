@@ -25,7 +25,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import tta._compat  # noqa: E402,F401
 import reference_corruptions as reference  # noqa: E402
 from streams.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS, corrupt  # noqa: E402
 

@@ -1,2 +1,4 @@
-"""continual"""
-import tta._compat  # noqa: F401  (must run before torchvision / avalanche / robustbench are imported)
+"""Continual learning on Avalanche: AdaB2N, NaP, NMC, replay, the task streams and ``tta continual``."""
+from tta._extras import require_installed
+
+require_installed("avalanche", "the continual package (tta continual)")

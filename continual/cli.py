@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 
-import tta._compat  # noqa: F401
-
 from continual.config import METHODS, NORMS, SCHEDULES, ContinualConfig
 
 

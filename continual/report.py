@@ -15,6 +15,7 @@ import numpy as np
 
 from continual.metrics import aggregate, summary
 from continual.records import latest_by_key, read_records, write_json, write_text
+from eval.report import pyplot
 
 METRIC_LABELS = {
     "final_average_accuracy": "final average accuracy",
@@ -53,10 +54,7 @@ def format_matrix(R: np.ndarray, std: np.ndarray | None = None, markdown: bool =
 
 
 def write_heatmap(path: Path, R: np.ndarray, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     T = R.shape[0]
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * T, 0.8 + 0.55 * T))

@@ -1,2 +1,1 @@
 """eval"""
-import tta._compat  # noqa: F401  (must run before torchvision / avalanche / robustbench are imported)

@@ -12,8 +12,8 @@ import os
 import sys
 from typing import Sequence
 
-import tta._compat  # noqa: F401
 from tta import accel
+from tta._extras import MissingExtraError
 
 #: The subcommands that run models: on CPU they turn the fast path on (tta.accel) unless given --no-accel.
 ACCEL_COMMANDS = frozenset({"demo", "corruption", "domains", "continual", "bench", "sweep"})
@@ -116,7 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tta: error: {error}", file=sys.stderr)
         return 2
     command = next((a for a in argv if a in SUBCOMMANDS), None)
-    parser = build_parser(only=command)
+    try:
+        parser = build_parser(only=command)
+    except MissingExtraError as error:  # the subcommand's module needs an extra that is not installed
+        print(f"tta {command}: error: {error}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -127,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if pieces is not None:
             accel.enable(**pieces)  # before any model runs: see tta/accel/__init__.py
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, MissingExtraError) as error:
         # Errors we raise say what to do; a traceback adds nothing for a user (TTA_DEBUG=1 shows it).
         if os.environ.get("TTA_DEBUG"):
             raise

@@ -24,6 +24,7 @@ from eval.metrics import mce
 from eval.records import ResultsLog, write_json_atomic
 from eval.report import ErrorTable, write_report
 from eval.runner import MethodRun, run_methods
+from streams.corruption_photos import find_frost_dir
 from streams.protocols import corruption_names
 
 # Fields that change results: a rerun into the same --out must agree on them (the others may differ).
@@ -128,6 +129,8 @@ def build_stream(config: BenchmarkConfig):
         protocol = streams.make_protocol(config.protocol, domains=list(data), batch_size=config.batch_size,
                                          seed=config.seed, n_images=config.n_images, delta=config.delta)
         return streams.make_stream(data, protocol)
+    if "frost" in corruption_names(config.corruptions):  # fail before the other corruptions run, not at frost
+        find_frost_dir()
     clean = streams.load_dataset(config.data, split=config.split)
     protocol = streams.make_protocol(config.protocol, corruptions=config.corruptions, severity=config.severity,
                                      batch_size=config.batch_size, seed=config.seed, n_images=config.n_images,

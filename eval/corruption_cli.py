@@ -9,6 +9,7 @@ from eval.corruption_benchmark import BenchmarkConfig, run_benchmark
 from eval.determinism import enable_deterministic
 from eval.method_cli import add_method_options, check_settings, method_options_from_args
 from streams.protocols import KINDS
+from tta._extras import installed
 
 
 def _csv(text: str) -> list[str]:
@@ -98,7 +99,8 @@ def config_from_args(args: argparse.Namespace, **overrides) -> BenchmarkConfig:
 def print_tables(tables, out: str) -> None:
     for table in tables.values():
         print(table.to_markdown(title=f"protocol: {table.protocol}"))
-    print(f"results: {Path(out) / 'results.jsonl'}   table: {Path(out) / 'results.md'}   plots: {out}/*.png")
+    plots = f"   plots: {out}/*.png" if installed("matplotlib") else ""
+    print(f"results: {Path(out) / 'results.jsonl'}   table: {Path(out) / 'results.md'}{plots}")
 
 
 def apply_threads(args: argparse.Namespace) -> None:

@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-import tta._compat  # noqa: F401
 from eval.cifar_resnet import CifarResNet
+from tta._extras import require
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -96,8 +96,9 @@ def robustbench_dir() -> Path:
 
 def _robustbench_entry(name: str) -> ModelEntry:
     """``robustbench:<Name>`` (CIFAR-10) or ``robustbench:<dataset>/<Name>``, from the corruptions leaderboard."""
-    from robustbench.model_zoo import model_dicts
-    from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    zoo_module = require("robustbench.model_zoo", "robustbench models")
+    enums = require("robustbench.model_zoo.enums", "robustbench models")
+    model_dicts, BenchmarkDataset, ThreatModel = zoo_module.model_dicts, enums.BenchmarkDataset, enums.ThreatModel
 
     spec = name.split(":", 1)[1]
     dataset, _, model_name = spec.rpartition("/")
@@ -245,7 +246,7 @@ def custom_entry(arch: str, mean: tuple[float, ...], std: tuple[float, ...], num
 
 def _download_robustbench(name: str, entry: ModelEntry) -> Path:
     """robustbench's own download (Google Drive; needs a network) into :func:`robustbench_dir`."""
-    from robustbench.utils import load_model as robustbench_load
+    robustbench_load = require("robustbench.utils", "downloading robustbench models").load_model
 
     dataset, _, model_name = name.split(":", 1)[1].rpartition("/")
     robustbench_load(model_name, model_dir=str(robustbench_dir()), dataset=dataset or "cifar10",

@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Sequence
 
 from eval.metrics import mean_error
+from tta._extras import installed, missing_message, require
 
 
 @dataclass
@@ -88,12 +91,17 @@ def _method_order(label: str) -> tuple[int, str, bool]:
     return (registered.index(base) if base in registered else len(registered), base, bool(suffix))
 
 
+def pyplot() -> ModuleType:
+    """matplotlib's pyplot on the file-only Agg backend (the ``plots`` extra)."""
+    require("matplotlib", "plots").use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_errors(table: ErrorTable, path: str | os.PathLike, title: str | None = None) -> Path:
     """Grouped bars: error per domain (x) per method (colour), with the mean as the last group."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     columns = [*table.columns, "mean"]
@@ -118,10 +126,7 @@ def plot_errors(table: ErrorTable, path: str | os.PathLike, title: str | None = 
 
 def plot_online_error(records: Sequence[dict[str, Any]], path: str | os.PathLike, protocol: str | None = None) -> Path:
     """The online (cumulative) error of each method through the stream, segment after segment."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     table = error_table(records, protocol)
     fig, ax = plt.subplots(figsize=(8, 3.8))
@@ -144,8 +149,12 @@ def plot_online_error(records: Sequence[dict[str, Any]], path: str | os.PathLike
 
 def write_report(records: Sequence[dict[str, Any]], out_dir: str | os.PathLike, title: str | None = None
                  ) -> dict[str, ErrorTable]:
-    """results.md / results_<protocol>.csv / errors_<protocol>.png / online_<protocol>.png for every protocol."""
+    """results.md / results_<protocol>.csv / errors_<protocol>.png / online_<protocol>.png for every protocol (the
+    plots only where matplotlib is installed; else one line on stderr says how to get them)."""
     out = Path(out_dir)
+    plots = installed("matplotlib")
+    if not plots:
+        print(f"plots skipped: {missing_message('matplotlib', 'plotting')}", file=sys.stderr)
     protocols = list(dict.fromkeys(r.get("protocol", "") for r in records))
     tables = {}
     markdown = [f"# {title}\n" if title else ""]
@@ -154,7 +163,8 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: str | os.PathLike, 
         tables[protocol] = table
         markdown.append(table.to_markdown(title=f"protocol: {protocol}"))
         (out / f"results_{protocol}.csv").write_text(table.to_csv())
-        plot_errors(table, out / f"errors_{protocol}.png", title=f"{title or ''} {protocol}".strip())
-        plot_online_error(records, out / f"online_{protocol}.png", protocol)
+        if plots:
+            plot_errors(table, out / f"errors_{protocol}.png", title=f"{title or ''} {protocol}".strip())
+            plot_online_error(records, out / f"online_{protocol}.png", protocol)
     (out / "results.md").write_text("\n".join(markdown))
     return tables

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-import tta._compat  # noqa: F401  (must run before torchvision is imported)
 
 _EXPORTS: dict[str, str] = {
     # corruption generator

@@ -13,8 +13,6 @@ import io
 import numpy as np
 import torch
 
-import tta._compat  # noqa: F401
-
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(N, 3, H, W) in [0, 1] -> (N, H, W, 3) uint8 on the CPU, rounded to the nearest level."""

@@ -22,7 +22,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-import tta._compat  # noqa: F401
 
 BOUNDARY_MODES = ("nearest", "reflect", "mirror")
 

@@ -40,8 +40,6 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping
 
-import tta._compat  # noqa: F401
-
 
 @dataclass(frozen=True)
 class ParamSet:

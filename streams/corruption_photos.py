@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import tta._compat  # noqa: F401
 from streams.corruption_ops import resize_linear_cv2
+from tta._extras import install_hint
 
 FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")
 # The reference draws np.random.randint(5): only frost1..frost5 are ever used (frost6 ships but is never picked).
@@ -52,7 +52,7 @@ def find_frost_dir(frost_dir: str | os.PathLike | None = None) -> Path:
     raise FileNotFoundError(
         "the frost corruption needs the frost photographs (frost1.png ... frost5.jpg of ImageNet-C); supply them "
         f"with corrupt(..., frost_dir=PATH), or set the environment variable {FROST_ENV}=PATH, or "
-        "`pip install imagecorruptions` (its wheel ships them)")
+        f"`{install_hint('imagecorruptions')}` (installs imagecorruptions, whose wheel ships them)")
 
 
 @lru_cache(maxsize=8)

@@ -30,7 +30,6 @@ from typing import Any, Callable
 
 import torch
 
-import tta._compat  # noqa: F401
 from streams import corruption_cv as cv
 from streams import corruption_ops as ops
 from streams.corruption_jpeg import jpeg_roundtrip

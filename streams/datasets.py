@@ -23,6 +23,7 @@ from streams.cifar_io import (CIFAR_LAYOUTS, CORRUPTED_FOLDERS, DEFAULT_CLASSES,
 from streams.folder_io import DataFormatError, decode_folder, index_imagefolder, list_splits
 from streams.image_dataset import (AnyImageDataset, ImageDataset, LazyImageDataset, class_balanced_subset,
                                    random_subset)
+from tta._extras import require
 
 __all__ = [
     "AnyImageDataset", "DataFormatError", "ImageDataset", "LazyImageDataset", "class_balanced_subset",
@@ -96,7 +97,7 @@ def load_digits(split: str = "test", size: int = 32, seed: int = 0, test_fractio
     Values are scaled to 0..255, resized to ``size`` x ``size`` (bilinear) and replicated to 3 channels. The
     train/test split is stratified by class and seeded; ``split="all"`` returns every image.
     """
-    from sklearn.model_selection import train_test_split
+    train_test_split = require("sklearn.model_selection", "the digits dataset").train_test_split
 
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
@@ -122,9 +123,7 @@ def load_digits(split: str = "test", size: int = 32, seed: int = 0, test_fractio
 @functools.lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits (read from its bundled file once per process; callers copy)."""
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    bunch = sklearn_digits()
+    bunch = require("sklearn.datasets", "the digits dataset").load_digits()
     return bunch.images, bunch.target
 
 

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-import tta._compat  # noqa: F401
-
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TTA_SHARED_DATA", REPO.parent / "shared" / "data"))
 

@@ -585,7 +585,7 @@ def test_frost_errors(tmp_path, monkeypatch, frost_dir):
     assert streams.corrupt(torch.rand(1, 3, 32, 32), "frost").shape == (1, 3, 32, 32)
     monkeypatch.delenv(photos.FROST_ENV)
     monkeypatch.setattr(photos, "_package_frost_dir", lambda: None)
-    with pytest.raises(FileNotFoundError, match=r"frost_dir=PATH.*TTA_FROST_DIR.*pip install imagecorruptions"):
+    with pytest.raises(FileNotFoundError, match=r"frost_dir=PATH.*TTA_FROST_DIR.*pip install 'tta-runtime\[frost\]'"):
         streams.corrupt(torch.rand(1, 3, 32, 32), "frost")
 
 

@@ -39,9 +39,9 @@ for method in ("tent", "norm"):
     adapted.release()
 maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
 print(json.dumps({
-    # finders added by import (tta._compat's finder is exempt while that module exists; it is being removed)
+    # finders added by import
     "new_finders": [type(f).__module__ + "." + type(f).__name__ for f in sys.meta_path
-                    if f not in meta_path_before and type(f).__module__ != "tta._compat"],
+                    if f not in meta_path_before],
     "modes_before": modes_before, "modes_during": sorted(set(modes_during)), "modes_after": len(mode_stack()),
     "accel_on": [piece for piece in tta.accel.PIECES if tta.accel.state()[piece]],
     "accel_modules": sorted(m for m in sys.modules if m.startswith("tta.accel.")),

@@ -1,5 +1,4 @@
 """Test-time adaptation runtime: ``adapted = tta.adapt(model, "tent"); logits = adapted(x); adapted.reset()``."""
-import tta._compat  # noqa: F401  (first: makes torchvision / robustbench importable on this install)
 from tta import methods as _methods  # noqa: F401  (registers the built-in methods)
 from tta.api import adapt, method_options
 from tta.base import Adapted, BatchNormAdapter, GradientAdapter
