@@ -23,12 +23,10 @@ _REPO = Path(__file__).resolve().parents[1]
 
 
 def import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise ValueError("tta sweep runs its cells on Ray, which is not installed: pip install "
-                         "'tta-runtime[sweep]' (or pip install 'ray[default]')") from None
-    return ray
+    """Ray, or the one-line error naming the ``[sweep]`` extra."""
+    from tta._extras import require
+
+    return require("ray", "tta sweep (its cells run on Ray)")
 
 
 def _cell_task(cell: dict[str, Any], plugins: list[str], threads: int,

@@ -17,6 +17,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "matplotlib": ("matplotlib", "plots"),
     "sklearn": ("scikit-learn", "digits"),
     "imagecorruptions": ("imagecorruptions", "frost"),
+    "ray": ("ray", "sweep"),
 }
 
 
