@@ -29,6 +29,23 @@ def plain_path_after_each_test():
         accel.disable()
 
 
+@pytest.fixture(autouse=True)
+def registry_as_before_each_test():
+    """Methods a test registers (a plugin imported by ``main([... "--plugin", M])``, say) are gone after it, with
+    their modules, so tests that enumerate ``tta.methods()`` see the built-in methods only."""
+    import sys
+
+    from tta import registry
+
+    before = dict(registry._METHODS)
+    yield
+    for name, cls in list(registry._METHODS.items()):
+        if name not in before:
+            sys.modules.pop(cls.__module__, None)
+    registry._METHODS.clear()
+    registry._METHODS.update(before)
+
+
 @pytest.fixture
 def one_thread():
     """Training on a shared 2-core machine: one intra-op thread avoids spin-waiting between busy cores."""

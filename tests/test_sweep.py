@@ -3,6 +3,7 @@ Ray (two workers): the same records as the cells run one by one, a killed worker
 as failed and rerun alone by --retry-failed."""
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -15,7 +16,6 @@ from eval.sweep import SweepError, cell_key, load_sweep, parse_sweep, sort_key
 from eval.sweep_cell import run_cell
 from eval.sweep_driver import latest_status, run_sweep
 from tta import accel
-from tests import sweep_plugin  # noqa: F401  (registers fails_unless here too, as --plugin does in the driver)
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_ON = {piece: True for piece in accel.PIECES}  # the fast path as `tta sweep` and `tta corruption` use it
@@ -217,6 +217,7 @@ def test_a_worker_killed_mid_cell_is_retried_with_identical_results(ray_local, w
 
 
 def test_a_raising_cell_is_recorded_as_failed_and_retry_failed_reruns_only_it(ray_local, weights, tmp_path, capsys):
+    importlib.import_module(PLUGIN)  # registers fails_unless here too, as --plugin does in the driver
     marker = tmp_path / "may-run"
     path = write(tmp_path / "s.toml", grid(weights, f'source = {{}}\nfails_unless = {{ marker = "{marker}" }}',
                                            seeds="[0]", corruptions='["fog"]'))
