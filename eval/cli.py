@@ -13,6 +13,7 @@ import sys
 from typing import Sequence
 
 import tta._compat  # noqa: F401
+from eval.errors import AdviceError
 from tta.cpu_memory import retain_freed_memory
 
 # name -> (module, one-line help). The module provides add_arguments(parser) and run(args).
@@ -24,6 +25,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "make-c": ("streams.write_c", "write a CIFAR-10-C-layout folder of corrupted images from a dataset"),
     "bench": ("eval.bench_cli", "throughput and memory of each method against plain inference"),
 }
+RESUMABLE = {"corruption", "domains", "continual", "make-c"}  # rerunning the same command continues the run
+INTERRUPTED = 130  # the shell's exit status for a process stopped by Ctrl-C (128 + SIGINT)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -57,12 +60,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         retain_freed_memory()  # before any model runs: see tta/cpu_memory.py (TTA_MALLOC chooses)
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, AdviceError) as error:
         # Errors we raise say what to do; a traceback adds nothing for a user (TTA_DEBUG=1 shows it).
         if os.environ.get("TTA_DEBUG"):
             raise
-        print(f"tta {args.command}: error: {error}", file=sys.stderr)
+        print(f"tta {args.command}: error: {getattr(error, 'cli_message', error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if os.environ.get("TTA_DEBUG"):
+            raise
+        then = ("rerun the same command to resume where it stopped" if args.command in RESUMABLE
+                else "rerun it to start again")
+        print(f"\ntta {args.command}: stopped (Ctrl-C); {then}", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":
