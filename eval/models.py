@@ -7,13 +7,14 @@ Errors name arguments through :mod:`eval.errors`, so the ``tta`` command shows i
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import os
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -246,24 +247,21 @@ def download_weights(entry: ModelEntry, cache_dir: str | os.PathLike | None = No
     return target
 
 
-class _download_errors:
+@contextlib.contextmanager
+def _download_errors(what: str, url: str, target: Path | None) -> Iterator[None]:
     """Turns a failed download (URLError, requests' ConnectionError, a timeout: all OSErrors) into one
     :class:`DownloadError` naming what, from where, and where to put the file by hand."""
-
-    def __init__(self, what: str, url: str, target: Path | None) -> None:
-        self.what, self.url, self.target = what, url, target
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, error, traceback) -> bool:
-        if error is None or not isinstance(error, OSError) or isinstance(error, (FileNotFoundError, DownloadError)):
-            return False
-        reason = str(getattr(error, "reason", "") or error).splitlines()[0] if str(error) else type(error).__name__
-        place = f"save it as {self.target}" if self.target else "save it anywhere"
+    try:
+        yield
+    except (FileNotFoundError, DownloadError):
+        raise
+    except OSError as error:
+        text = str(getattr(error, "reason", "") or error)
+        reason = text.splitlines()[0] if text else type(error).__name__
+        place = f"save it as {target}" if target else "save it anywhere"
         raise DownloadError("could not download the weights of {what} from {url} ({reason}); on a machine with a "
                             "network, download that file, then {place} or pass {weights}",
-                            what=self.what, url=self.url, reason=reason, place=place) from error
+                            what=what, url=url, reason=reason, place=place) from error
 
 
 def load_model(name: str, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
