@@ -83,7 +83,7 @@ class BenchConfig:
     amp: bool = False
     channels_last: bool = False
     compile: bool = False
-    repeats: int = 5  # about a minute for ResNet-20's rows on 2 cores; the published tables use 30
+    repeats: int = 5  # a quick look (its wall time: docs/performance.md); the published tables use 30
     warmup: int = 3
     threads: int | None = None
     seed: int = 0

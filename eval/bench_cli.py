@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile each row's model forward (compile time shows as first_batch_ms; a row "
                              "that fails to compile is reported and skipped)")
     parser.add_argument("--repeats", type=int, default=BenchConfig.repeats,
-                        help="timed batches per row, after warm-up (default %(default)s: about a minute for "
-                             "ResNet-20's rows on 2 cores, the spread shown as IQR; the published tables use 30)")
+                        help="timed batches per row, after warm-up (default %(default)s: a quick look, the spread "
+                             "shown as IQR; the published tables use 30)")
     parser.add_argument("--warmup", type=int, default=3,
                         help="un-timed batches per row before timing (at least 1, after one hook-counting batch)")
     parser.add_argument("--threads", type=int, default=None,
