@@ -10,11 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from continual.report import METRIC_LABELS, write_report  # noqa: E402
-
-
-def _pm(metric: dict) -> str:
-    return f"{100 * metric['mean']:.2f} ± {100 * metric['std']:.2f}"
+from continual.report import METRIC_LABELS, mean_and_spread, write_report  # noqa: E402
 
 
 def main(root: str) -> int:
@@ -26,7 +22,7 @@ def main(root: str) -> int:
     for name, s in complete.items():
         c = s["config"]
         cells = [name, c["benchmark"], c["method"], c["norm"], str(len(s["seeds"]))]
-        cells += [_pm(s["metrics"][m]) for m in METRIC_LABELS]
+        cells += [mean_and_spread(s["metrics"][m]) for m in METRIC_LABELS]
         print("| " + " | ".join(cells) + " |")
     plasticity = {k: v for k, v in complete.items() if v["config"]["benchmark"] == "random-labels"}
     if plasticity:

@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, dict] = {
     "random-labels": {"source": "digits", "tasks": 10},
 }
 REPO = Path(__file__).resolve().parents[1]
+CIFAR_ARCHIVES = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
 
 
 class TensorImages(torch.utils.data.Dataset):
@@ -81,6 +82,7 @@ class TaskStream:
 
 
 def shared_data_dir() -> Path:
+    """The shared data folder: ``$TTA_SHARED_DATA``, else ``../shared/data`` beside the repository."""
     return Path(os.environ.get("TTA_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
@@ -92,8 +94,12 @@ def default_data(source: str) -> str:
         zip_path = shared_data_dir() / "cifar10" / "cifar10-jpeg.zip"
         if zip_path.exists():
             return str(zip_path)
-    raise FileNotFoundError(f"no default location for {source}: pass --data (a CIFAR python folder or an "
-                            "ImageFolder .zip with train/ and test/)")
+    where = (f" (looked for {shared_data_dir() / 'cifar10' / 'cifar10-jpeg.zip'}; TTA_SHARED_DATA moves it)"
+             if source == "cifar10" else "")
+    raise FileNotFoundError(f"no default location for {source}{where}: pass --data, either a folder holding the "
+                            f"CIFAR python version ({CIFAR_ARCHIVES.get(source, source)} from "
+                            "https://www.cs.toronto.edu/~kriz/cifar.html, unpacked) or an ImageFolder .zip with "
+                            "train/ and test/")
 
 
 def load_split(spec: str, split: str, image_size: int | None = None, data_seed: int = 0):

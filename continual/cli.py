@@ -11,6 +11,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from continual.config import METHODS, NORMS, SCHEDULES, ContinualConfig
 
@@ -45,9 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--method", default=d.method, choices=METHODS,
                    help="sgd (fine-tuning), er / er_ace (joint-forward replay), nmc (nearest mean, frozen backbone)")
     g.add_argument("--norm", default=d.norm, choices=NORMS,
-                   help="bn: the model's BatchNorm; none: no normalisation; adab2n: BN replaced by AdaB2N; "
-                        "layer / rms: LayerNorm / RMSNorm inserted before every nonlinearity; nap: inserted "
-                        "norm + projection")
+                   help="bn (default): the model's BatchNorm; none: no normalisation; adab2n: BN replaced by "
+                        "AdaB2N; layer / rms: LayerNorm / RMSNorm inserted before every nonlinearity; nap: inserted "
+                        "norm + projection. Not for nmc, whose backbone is frozen")
     g.add_argument("--model", default=None, choices=["resnet18-reduced", "cnn", "mlp"],
                    help="trained network (default: resnet18-reduced for CIFAR, cnn for digits, mlp for "
                         "random-labels)")
@@ -79,7 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--nap-no-affine", action="store_true", help="do not project the norms' (gamma, beta)")
     g = parser.add_argument_group("NMC")
     g.add_argument("--backbone", default=None, help="pretrained feature extractor (default cifar10_resnet56)")
-    g.add_argument("--weights", default=None, help="backbone checkpoint (default: the shared akamaster file)")
+    g.add_argument("--weights", default=None, help="backbone checkpoint (default: the akamaster file in the shared "
+                   "data folder, $TTA_SHARED_DATA/models/akamaster-resnet-cifar10/)")
+    g.add_argument("--download", action="store_true", help="download the backbone's published weights when no "
+                   "file is found (network); data is never downloaded: give it with --data")
     g.add_argument("--nmc-metric", default=d.nmc_metric, choices=["euclidean", "cosine"])
     g.add_argument("--nmc-renormalize", action="store_true", help="unit-normalise the class means")
     g = parser.add_argument_group("run")
@@ -117,10 +121,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"tta continual: {error}")
         return 2
     try:
-        result = run_experiment(config, args.out, progress=not args.no_progress, stop_after=args.stop_after)
+        result = run_experiment(config, args.out, progress=not args.no_progress, stop_after=args.stop_after,
+                                download=args.download)
     except ConfigMismatch as error:
         print(f"tta continual: {error}")
         return 2
     print(print_report(result))
-    print(f"results in {args.out} (results.jsonl, config.json, accuracy_matrix.csv/.md, heatmap.png, summary.md)")
+    print(f"results in {args.out} ({', '.join(written_files(Path(args.out)))})")
+    if result["incomplete_seeds"]:
+        print(f"seed(s) {', '.join(map(str, result['incomplete_seeds']))} not finished (--stop-after); the same "
+              "command without --stop-after continues them")
     return 0
+
+
+def written_files(out: Path) -> list[str]:
+    """The report files present in ``out``, in the order a user looks for them."""
+    names = ("results.jsonl", "timings.jsonl", "config.json", "summary.md", "summary.json", "accuracy_matrix.md",
+             "accuracy_matrix.csv", "accuracy_matrix_seeds.csv", "heatmap.png")
+    return [name for name in names if (out / name).exists()]

@@ -1,4 +1,8 @@
-"""The full, resolved configuration of a continual run (what config.json holds) and its validation."""
+"""The full, resolved configuration of a continual run (what config.json holds) and its validation.
+
+An option that cannot apply to the chosen method, norm, model or benchmark is an error (never silently ignored):
+see :data:`INAPPLICABLE`.
+"""
 from __future__ import annotations
 
 import platform
@@ -21,6 +25,57 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 RESUMABLE_CHANGES = ("seeds", "device", "threads")
 
 
+def _trained(c: "ContinualConfig") -> bool:
+    return c.method != "nmc"
+
+
+def _digits(c: "ContinualConfig") -> bool:
+    from continual.benchmarks import BENCHMARKS
+
+    return (c.data or BENCHMARKS[c.benchmark]["source"]) == "digits"
+
+
+def _model(c: "ContinualConfig") -> str:
+    return c.model or _DEFAULTS[c.benchmark]["model"]
+
+
+# (field, flag, when it applies, what it applies to): a field set away from its default where it cannot apply is
+# refused. Checked before the benchmark's defaults fill the fields left as None; the values that resolution itself
+# sets (nmc's norm "none" and single epoch, sgd's empty buffer) count as not given, so resolving is idempotent.
+INAPPLICABLE: tuple[tuple[str, str, Any, str], ...] = (
+    ("norm", "--norm", _trained, "trained methods (nmc keeps its frozen backbone's own layers)"),
+    ("model", "--model", _trained, "trained methods (nmc uses --backbone)"),
+    ("width", "--width", lambda c: _trained(c) and _model(c) != "mlp", "the cnn and resnet18-reduced models"),
+    ("hidden", "--hidden", lambda c: _trained(c) and _model(c) == "mlp", "the mlp model"),
+    ("epochs", "--epochs", _trained, "trained methods (nmc makes one pass to compute its class means)"),
+    ("optimizer", "--optimizer", _trained, "trained methods"),
+    ("lr", "--lr", _trained, "trained methods"),
+    ("momentum", "--momentum", lambda c: _trained(c) and c.optimizer == "sgd", "--optimizer sgd"),
+    ("weight_decay", "--weight-decay", _trained, "trained methods"),
+    ("lr_schedule", "--lr-schedule", _trained, "trained methods"),
+    ("buffer", "--buffer", lambda c: c.method in ("er", "er_ace"), "the replay methods er and er_ace"),
+    ("replay_batch_size", "--replay-batch-size", lambda c: c.method in ("er", "er_ace"),
+     "the replay methods er and er_ace"),
+    ("kappa", "--kappa", lambda c: c.norm == "adab2n", "--norm adab2n"),
+    ("lambda_reg", "--lambda-reg", lambda c: c.norm == "adab2n", "--norm adab2n"),
+    ("adab2n_prior", "--adab2n-prior", lambda c: c.norm == "adab2n", "--norm adab2n"),
+    ("reg_start_task", "--reg-start-task", lambda c: c.norm == "adab2n", "--norm adab2n"),
+    ("nap_kind", "--nap-kind", lambda c: c.norm == "nap", "--norm nap"),
+    ("nap_every", "--nap-every", lambda c: c.norm == "nap", "--norm nap"),
+    ("nap_project_output", "--nap-project-output", lambda c: c.norm == "nap", "--norm nap"),
+    ("nap_project_affine", "--nap-no-affine", lambda c: c.norm == "nap", "--norm nap"),
+    ("backbone", "--backbone", lambda c: not _trained(c), "--method nmc (trained methods use --model)"),
+    ("weights", "--weights", lambda c: not _trained(c), "--method nmc (the backbone's checkpoint)"),
+    ("nmc_metric", "--nmc-metric", lambda c: not _trained(c), "--method nmc"),
+    ("nmc_renormalize", "--nmc-renormalize", lambda c: not _trained(c), "--method nmc"),
+    ("image_size", "--image-size", _digits, "digits (other data keep their stored size)"),
+    ("n_test", "--n-test", lambda c: c.benchmark != "random-labels",
+     "class-incremental benchmarks (random-labels tests on its training inputs)"),
+    ("shuffle_classes", "--shuffle-classes", lambda c: c.benchmark != "random-labels",
+     "class-incremental benchmarks"),
+)
+
+
 @dataclass
 class ContinualConfig:
     """Everything that determines a run. ``None`` fields are resolved by :meth:`resolved`."""
@@ -28,7 +83,7 @@ class ContinualConfig:
     benchmark: str = "split-digits"
     data: str | None = None
     method: str = "er"
-    norm: str = "bn"
+    norm: str | None = None  # None: bn for trained methods, none for nmc
     model: str | None = None
     width: int | None = None
     hidden: list[int] = field(default_factory=lambda: [256, 256])
@@ -76,8 +131,9 @@ class ContinualConfig:
             raise ValueError(f"unknown benchmark {self.benchmark!r}; known: {', '.join(BENCHMARKS)}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
-        if self.norm not in NORMS:
+        if self.norm is not None and self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; known: {', '.join(NORMS)}")
+        self._check_applicable()
         updates = {k: v for k, v in _DEFAULTS[self.benchmark].items() if getattr(self, k) is None}
         config = replace(self, **updates)
         if config.adab2n_task_source is None:
@@ -87,8 +143,7 @@ class ContinualConfig:
             config.norm = "none"
             config.epochs = 1
         else:
-            if config.backbone is not None:
-                raise ValueError("--backbone is for --method nmc; trained methods use --model")
+            config.norm = config.norm or "bn"
             if config.norm in ("layer", "rms", "nap") and config.model == "resnet18-reduced":
                 raise ValueError(f"--norm {config.norm} inserts norms into nn.Sequential models (cnn, mlp); "
                                  "the reduced ResNet-18 applies F.relu inside its blocks")
@@ -113,9 +168,27 @@ class ContinualConfig:
             raise ValueError("buffer must be >= 0, epochs and batch size >= 1")
         if config.method == "sgd":
             config.buffer = 0
+        if config.data is None:  # record where the data is read from, not null
+            from continual.benchmarks import BENCHMARKS, default_data
+
+            config.data = default_data(BENCHMARKS[config.benchmark]["source"])
         if not config.seeds:
             raise ValueError("at least one seed")
         return config
+
+    def _check_applicable(self) -> None:
+        """Refuse an option given (set away from its default) where it cannot apply: see :data:`INAPPLICABLE`."""
+        defaults = ContinualConfig()
+        resolution = {"norm": "none", "epochs": 1, "buffer": 0, "model": _DEFAULTS[self.benchmark]["model"]}
+        for name, flag, applies, where in INAPPLICABLE:
+            value = getattr(self, name)
+            if value in (getattr(defaults, name), resolution.get(name, getattr(defaults, name))) or applies(self):
+                continue
+            norm = self.norm or ("bn" if _trained(self) else None)
+            run = f"--method {self.method}" + (f" --norm {norm}" if norm and name != "norm" else "")
+            shown = "" if isinstance(value, bool) else f" {_shown(value)}"
+            raise ValueError(f"{flag}{shown} cannot apply to this run ({run}, --benchmark {self.benchmark}): it is "
+                             f"for {where}; leave it out")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,6 +204,10 @@ class ContinualConfig:
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run it continues."""
         return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_CHANGES}
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def library_versions() -> dict[str, str]:

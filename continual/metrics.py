@@ -82,12 +82,12 @@ def summary(R: Sequence[Sequence[float]] | np.ndarray) -> dict[str, float]:
     }
 
 
-def mean_std(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1) over seeds; the spread of a single seed is 0.0."""
+def mean_std(values: Iterable[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1) over seeds; the spread of a single seed is undefined: None."""
     array = np.asarray(list(values), dtype=np.float64)
     if array.size == 0:
         raise ValueError("no values")
-    std = float(array.std(ddof=1)) if array.size > 1 else 0.0
+    std = float(array.std(ddof=1)) if array.size > 1 else None
     return float(array.mean()), std
 
 

@@ -4,6 +4,7 @@ Files written into the run folder: ``accuracy_matrix.csv`` / ``.md`` (mean over 
 Markdown), ``accuracy_matrix_seeds.csv`` (long format: seed, after_task, task, accuracy), ``heatmap.png``,
 ``summary.json`` and ``summary.md`` (final average accuracy, average incremental accuracy, forgetting, BWT as
 mean ± std over seeds, and a per-experience table with the accuracy on the newest task and the weight norm).
+With a single seed the spread is undefined: no ± is printed and the std is null in summary.json.
 """
 from __future__ import annotations
 
@@ -104,9 +105,10 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     per_seed = {seed: summary(R) for seed, R in matrices.items()}
     stacked = np.stack(list(matrices.values()))
     mean_R = stacked.mean(0)
-    std_R = stacked.std(0, ddof=1) if len(stacked) > 1 else np.zeros_like(mean_R)
+    std_R = stacked.std(0, ddof=1) if len(stacked) > 1 else None
     result.update({"metrics": aggregate(per_seed), "per_seed": {str(s): m for s, m in per_seed.items()},
-                   "accuracy_matrix_mean": mean_R.tolist(), "accuracy_matrix_std": std_R.tolist(),
+                   "accuracy_matrix_mean": mean_R.tolist(),
+                   "accuracy_matrix_std": None if std_R is None else std_R.tolist(),
                    "per_experience": _per_experience(records, sorted(matrices))})
     T = mean_R.shape[1]
     write_text(out_dir / "accuracy_matrix.csv", "after_task," + ",".join(f"task_{j}" for j in range(T)) + "\n" +
@@ -127,10 +129,9 @@ def summary_markdown(result: dict[str, Any], title: str) -> str:
     lines = [f"# {title}", "", f"seeds: {', '.join(map(str, result['seeds']))}"]
     if result["incomplete_seeds"]:
         lines.append(f"incomplete seeds (not in the means): {', '.join(map(str, result['incomplete_seeds']))}")
-    lines += ["", "| metric | mean ± std (%) |", "|---|---|"]
+    lines += ["", "| metric | mean ± std (%) |" if len(result["seeds"]) > 1 else "| metric | % |", "|---|---|"]
     for name, label in METRIC_LABELS.items():
-        m = result["metrics"][name]
-        lines.append(f"| {label} | {100 * m['mean']:.2f} ± {100 * m['std']:.2f} |")
+        lines.append(f"| {label} | {mean_and_spread(result['metrics'][name])} |")
     lines += ["", "| after task | accuracy on that task (%) | average over seen tasks (%) | weight norm |",
               "|---|---|---|---|"]
     for row in result["per_experience"]:
@@ -145,10 +146,16 @@ def print_report(result: dict[str, Any]) -> str:
     if "metrics" not in result:
         return "no complete seed yet"
     mean_R = np.array(result["accuracy_matrix_mean"])
-    std_R = np.array(result["accuracy_matrix_std"])
-    text = ["accuracy matrix (%), mean ± std over seeds " + ", ".join(map(str, result["seeds"])),
-            format_matrix(mean_R, std_R)]
+    std = result["accuracy_matrix_std"]
+    over = (f"mean ± std over seeds {', '.join(map(str, result['seeds']))}" if std is not None
+            else f"seed {result['seeds'][0]}")
+    text = [f"accuracy matrix (%), {over}", format_matrix(mean_R, None if std is None else np.array(std))]
     for name, label in METRIC_LABELS.items():
-        m = result["metrics"][name]
-        text.append(f"{label}: {100 * m['mean']:.2f} ± {100 * m['std']:.2f} %")
+        text.append(f"{label}: {mean_and_spread(result['metrics'][name])} %")
     return "\n".join(text)
+
+
+def mean_and_spread(metric: dict[str, Any]) -> str:
+    """``mean ± std`` in percent, or the mean alone when the spread is undefined (one seed)."""
+    spread = "" if metric["std"] is None else f" ± {100 * metric['std']:.2f}"
+    return f"{100 * metric['mean']:.2f}{spread}"

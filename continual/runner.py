@@ -9,11 +9,13 @@ continues exactly as the uninterrupted one would have. A finished seed's checkpo
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.training.plugins import EvaluationPlugin
 
 from continual import adab2n, nap
-from continual.benchmarks import BENCHMARKS, TaskStream, build_benchmark, shared_data_dir
+from continual.benchmarks import BENCHMARKS, TaskStream, build_benchmark, default_data, shared_data_dir
 from continual.config import ContinualConfig, library_versions
 from continual.models import build_model
 from continual.nmc import ForwardFeatures, NMCClassifier, NMCStrategy, feature_dim
@@ -112,17 +114,36 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((3, tuple(state["python"]), state["python_gauss"]))
 
 
-def _nmc_weights(config: ContinualConfig) -> str | None:
-    if config.weights is not None:
-        return config.weights
+def default_backbone_weights(backbone: str) -> str | None:
+    """The backbone's published checkpoint in the shared data folder (``$TTA_SHARED_DATA/models/...``), if there."""
     from eval.models import model_entry
 
-    entry = model_entry(config.backbone)
+    entry = model_entry(backbone)
     if entry.weights_file:
         candidate = shared_data_dir() / "models" / "akamaster-resnet-cifar10" / entry.weights_file
         if candidate.exists():
             return str(candidate)
     return None
+
+
+def resolve_backbone_weights(config: ContinualConfig, download: bool = False) -> ContinualConfig:
+    """NMC's backbone checkpoint made explicit (so config.json records the file used): ``--weights``, else the
+    shared copy, else a download (``--download``); refused when none is found."""
+    if config.method != "nmc" or config.weights is not None:
+        return config
+    from eval.models import download_weights, model_entry
+
+    entry = model_entry(config.backbone)
+    weights = default_backbone_weights(config.backbone)
+    if weights is None and download:
+        weights = str(download_weights(entry))
+    if weights is None:
+        shared = shared_data_dir() / "models" / "akamaster-resnet-cifar10" / (entry.weights_file or "<file>")
+        fetch = ", or --download to fetch the published one" if entry.weights_url else ""
+        raise FileNotFoundError(f"--method nmc needs the weights of its backbone {config.backbone}: pass --weights "
+                                f"PATH, put the checkpoint at {shared} (the shared data folder, $TTA_SHARED_DATA)"
+                                f"{fetch}")
+    return replace(config, weights=weights)
 
 
 def build_network(config: ContinualConfig, stream: TaskStream) -> tuple[nn.Module, nap.NaP | None]:
@@ -150,7 +171,7 @@ def build_strategy(config: ContinualConfig, stream: TaskStream, seed: int, progr
     if config.method == "nmc":
         from eval.models import load_model
 
-        backbone = load_model(config.backbone, weights=_nmc_weights(config), device=config.device)
+        backbone = load_model(config.backbone, weights=config.weights, device=config.device)
         extractor = ForwardFeatures(backbone)
         model = NMCClassifier(extractor, stream.num_classes, feature_dim(extractor, stream.image_shape),
                               metric=config.nmc_metric, renormalize=config.nmc_renormalize)
@@ -224,9 +245,17 @@ def _diagnostics(model: nn.Module) -> dict[str, Any]:
     return out
 
 
+def build_seed_stream(config: ContinualConfig, seed: int) -> TaskStream:
+    """The task stream of one seed (subsets and class order are seeded)."""
+    return build_benchmark(config.benchmark, config.data, seed, config.tasks, config.n_train, config.n_test,
+                           config.image_size, config.shuffle_classes)
+
+
 def run_seed(config: ContinualConfig, seed: int, out_dir: str | Path, progress: bool = True,
-             stop_after: int | None = None) -> list[dict[str, Any]]:
-    """Train and evaluate one seed; returns the records written by this call (empty when already finished)."""
+             stop_after: int | None = None,
+             prepared: tuple[TaskStream, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Train and evaluate one seed; returns the records written by this call (empty when already finished).
+    ``prepared``: this seed's task stream and the RNG states right after it was built (:func:`check_inputs`)."""
     out_dir = Path(out_dir)
     results = out_dir / "results.jsonl"
     timings = out_dir / "timings.jsonl"
@@ -236,9 +265,12 @@ def run_seed(config: ContinualConfig, seed: int, out_dir: str | Path, progress: 
     if all(i in done for i in range(T)):
         _remove_checkpoint(checkpoint)  # a kill between the last record and the clean-up can leave it behind
         return []  # finished: nothing is loaded or built
-    seed_everything(seed)
-    stream = build_benchmark(config.benchmark, config.data, seed, config.tasks, config.n_train, config.n_test,
-                             config.image_size, config.shuffle_classes)
+    if prepared is None:
+        seed_everything(seed)
+        stream = build_seed_stream(config, seed)
+    else:  # as if built here: the same RNG states follow
+        stream = prepared[0]
+        _set_rng_state(prepared[1])
     strategy, stateful, accuracy = build_strategy(config, stream, seed, progress)
     start, history = 0, []
     if checkpoint.exists():
@@ -294,12 +326,24 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
+def _recorded_before(previous: dict[str, Any]) -> dict[str, Any]:
+    """A config.json identity written before data and weights were recorded (null meant the default location)
+    with those defaults filled in, so such a folder still resumes."""
+    previous = dict(previous)
+    if previous.get("data") is None:
+        with contextlib.suppress(FileNotFoundError, KeyError):
+            previous["data"] = default_data(BENCHMARKS[previous["benchmark"]]["source"])
+    if previous.get("weights") is None and previous.get("method") == "nmc":
+        previous["weights"] = default_backbone_weights(previous["backbone"])
+    return previous
+
+
 def prepare_output(config: ContinualConfig, out_dir: str | Path) -> None:
     """Write config.json, or check that an existing one describes the same run (only seeds/device may differ)."""
     path = Path(out_dir) / "config.json"
     if path.exists():
         previous = ContinualConfig.from_dict(json.loads(path.read_text())["config"])
-        before, now = _jsonable(previous.identity()), _jsonable(config.identity())
+        before, now = _recorded_before(_jsonable(previous.identity())), _jsonable(config.identity())
         if before != now:
             changed = sorted(k for k in now if before.get(k) != now[k])
             raise ConfigMismatch(f"{out_dir} holds a run with a different configuration ({', '.join(changed)} "
@@ -309,12 +353,27 @@ def prepare_output(config: ContinualConfig, out_dir: str | Path) -> None:
     write_json(path, {"config": config.to_dict(), "versions": library_versions()})
 
 
+def check_inputs(config: ContinualConfig) -> tuple[TaskStream, dict[str, Any]]:
+    """Load what the run reads (the first seed's task stream; NMC's backbone) so that a missing or unusable input
+    is refused before anything is written; returns that stream and the RNG states after it, for :func:`run_seed`."""
+    seed_everything(config.seeds[0])
+    stream = build_seed_stream(config, config.seeds[0])
+    state = _rng_state()
+    if config.method == "nmc":
+        from eval.models import load_model
+
+        load_model(config.backbone, weights=config.weights)
+    return stream, state
+
+
 def run_experiment(config: ContinualConfig, out_dir: str | Path, progress: bool = True,
-                   stop_after: int | None = None) -> dict[str, Any]:
-    """Resolve, record config.json, run every seed (skipping finished ones), write the report; returns it."""
+                   stop_after: int | None = None, download: bool = False) -> dict[str, Any]:
+    """Resolve, check the inputs, record config.json, run every seed (skipping finished ones), write the report;
+    returns it. ``download``: fetch NMC's published backbone weights when no file is found (network)."""
     from continual.report import write_report
 
-    config = config.resolved()
+    config = resolve_backbone_weights(config.resolved(), download)
+    first = check_inputs(config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prepare_output(config, out_dir)
@@ -323,7 +382,7 @@ def run_experiment(config: ContinualConfig, out_dir: str | Path, progress: bool 
         torch.set_num_threads(config.threads)
     try:
         for seed in config.seeds:
-            run_seed(config, seed, out_dir, progress, stop_after)
+            run_seed(config, seed, out_dir, progress, stop_after, first if seed == config.seeds[0] else None)
     finally:
         torch.set_num_threads(threads)
     return write_report(out_dir)

@@ -8,7 +8,8 @@ Everything is measured in one process and one run, so ratios compare like with l
 - Passes: a forward hook on the model counts forward samples; gradient hooks on its trainable parameters count
   a backward pass when gradients reach the model after a forward (one un-timed counting batch, hooks removed
   before timing).
-- Memory (CPU): in a fresh subprocess per row (``memory="subprocess"``): per batch, the peak RSS (the kernel's
+- Memory (CPU): in a fresh subprocess per row (``memory="subprocess"``; as many at once as there are CPU cores,
+  each process's peak being its own): per batch, the peak RSS (the kernel's
   counter reset before each batch through ``/proc/self/clear_refs``) minus the RSS before the row was built
   (model loaded, inputs made, cafa's statistics computed, code paged in by a throwaway 2-image run); the median
   over batches is reported. In-process RSS would be distorted by the rows measured before (a process-wide
@@ -83,7 +84,7 @@ class BenchConfig:
     amp: bool = False
     channels_last: bool = False
     compile: bool = False
-    repeats: int = 20
+    repeats: int = 5  # a quick look (its wall time: docs/performance.md); the published tables use 30
     warmup: int = 3
     threads: int | None = None
     seed: int = 0
@@ -269,8 +270,10 @@ def compile_row(row: Row) -> None:
 
 
 def time_rows(rows: list[Row], inputs: list[torch.Tensor], config: BenchConfig,
-              errors: dict[str, str] | None = None) -> dict[str, list[float]]:
-    """Per-row batch times (ms), interleaved: each repeat times one batch of every row, order rotated.
+              errors: dict[str, str] | None = None,
+              log: Callable[[str], None] = lambda s: None) -> dict[str, list[float]]:
+    """Per-row batch times (ms), interleaved: each repeat times one batch of every row, order rotated; ``log``
+    gets a line per round.
 
     A row that raises is dropped from the remaining rounds and its error stored in ``errors`` (plain re-raises).
     """
@@ -279,6 +282,7 @@ def time_rows(rows: list[Row], inputs: list[torch.Tensor], config: BenchConfig,
     for r in range(config.repeats):
         x = inputs[r % len(inputs)]
         shift = r % len(live)
+        started = time.perf_counter()
         for row in live[shift:] + live[:shift]:
             try:
                 times[row.name].append(timed(lambda: row.call(x), config))
@@ -288,6 +292,7 @@ def time_rows(rows: list[Row], inputs: list[torch.Tensor], config: BenchConfig,
                 errors[row.name] = _describe(error, f"round {r + 1}")
                 live.remove(row)
                 del times[row.name]
+        log(f"timed round {r + 1}/{config.repeats}: {len(live)} rows in {time.perf_counter() - started:.1f} s")
     return times
 
 
@@ -509,7 +514,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None) 
 
     log(f"timing {len(rows)} rows x {config.repeats} repeats, interleaved")
     errors: dict[str, str] = {}
-    times = time_rows(rows, inputs, config, errors)
+    times = time_rows(rows, inputs, config, errors, log)
     for name, error in errors.items():
         records[name]["error"] = error
         log(f"{name}: failed while timed: {error}")
@@ -531,16 +536,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None) 
     del rows
     gc.collect()
 
-    for name, record in records.items():
-        if config.memory == "off" or record["error"]:
-            continue
-        log(f"memory: {name}")
-        if config.memory == "subprocess" and not config.device.startswith("cuda"):
-            record.update(probe_memory(config, name))
-        else:
-            record.update(measure_row_memory(config, name))
-            if config.memory == "inprocess" and not config.device.startswith("cuda"):
-                record["memory_method"] += " (in process: earlier rows may hide part of the peak)"
+    measure_memory(config, records, log)
     plain_mb = records[PLAIN].get("peak_memory_mb")
     plain_tensor_mb = records[PLAIN].get("peak_tensor_mb")
     for record in records.values():
@@ -563,6 +559,29 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None) 
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     result["goals"] = check_goals(result)
     return result
+
+
+def measure_memory(config: BenchConfig, records: dict[str, dict[str, Any]], log: Callable[[str], None]) -> None:
+    """Peak memory of every row that ran, into its record; a line per row as each finishes. CPU subprocesses run
+    as many at once as there are cores (each measures its own peak, so they do not disturb one another)."""
+    names = [name for name, record in records.items() if config.memory != "off" and not record["error"]]
+    if not names:
+        return
+    if config.memory == "subprocess" and not config.device.startswith("cuda"):
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        log(f"memory: {len(names)} rows, each in a fresh process")
+        with ThreadPoolExecutor(max_workers=min(len(names), os.cpu_count() or 1)) as pool:
+            futures = {pool.submit(probe_memory, config, name): name for name in names}
+            for done, future in enumerate(as_completed(futures), 1):
+                records[futures[future]].update(future.result())
+                log(f"memory {done}/{len(names)}: {futures[future]}")
+        return
+    for done, name in enumerate(names, 1):
+        records[name].update(measure_row_memory(config, name))
+        if config.memory == "inprocess" and not config.device.startswith("cuda"):
+            records[name]["memory_method"] += " (in process: earlier rows may hide part of the peak)"
+        log(f"memory {done}/{len(names)}: {name}")
 
 
 # -- goals ---------------------------------------------------------------------------------------------------------

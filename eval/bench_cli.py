@@ -2,7 +2,7 @@
 to plain inference (``model.eval()`` under ``torch.inference_mode()``) of the same model and batch, one run.
 
     tta bench --model cifar10_resnet20 --weights resnet20-12fca82f.th --methods all --batch-size 200 \\
-        --device cpu --threads 1 --repeats 20 --out runs/bench
+        --device cpu --threads 1 --repeats 30 --out runs/bench
 """
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each row's model forward (compile time shows as first_batch_ms; a row "
                              "that fails to compile is reported and skipped)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed batches per row (after warm-up)")
+    parser.add_argument("--repeats", type=int, default=BenchConfig.repeats,
+                        help="timed batches per row, after warm-up (default %(default)s: a quick look, the spread "
+                             "shown as IQR; the published tables use 30)")
     parser.add_argument("--warmup", type=int, default=3,
                         help="un-timed batches per row before timing (at least 1, after one hook-counting batch)")
     parser.add_argument("--threads", type=int, default=None,

@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Sequence
 
+from eval.errors import AdviceError
 from tta import accel
 from tta._extras import MissingExtraError
 
@@ -29,6 +30,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("eval.sweep_cli", "run a grid of corruption / domain runs (methods x options x models x data x "
                                 "protocols x batch sizes x seeds) on Ray, locally or on a cluster"),
 }
+RESUMABLE = {"corruption", "domains", "continual", "make-c"}  # rerunning the same command continues the run
+INTERRUPTED = 130  # the shell's exit status for a process stopped by Ctrl-C (128 + SIGINT)
 
 
 PLUGIN_GROUP = "tta.methods"  # entry-point group of installed packages that register methods
@@ -131,12 +134,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if pieces is not None:
             accel.enable(**pieces)  # before any model runs: see tta/accel/__init__.py
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError, MissingExtraError) as error:
+    except (ValueError, FileNotFoundError, MissingExtraError, AdviceError) as error:
         # Errors we raise say what to do; a traceback adds nothing for a user (TTA_DEBUG=1 shows it).
         if os.environ.get("TTA_DEBUG"):
             raise
-        print(f"tta {args.command}: error: {error}", file=sys.stderr)
+        print(f"tta {args.command}: error: {getattr(error, 'cli_message', error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if os.environ.get("TTA_DEBUG"):
+            raise
+        then = ("rerun the same command to resume where it stopped" if args.command in RESUMABLE
+                else "rerun it to start again")
+        print(f"\ntta {args.command}: stopped (Ctrl-C); {then}", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

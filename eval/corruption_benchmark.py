@@ -1,8 +1,9 @@
 """The corruption benchmark as a Python function: the same thing ``tta corruption`` runs.
 
 ``run_benchmark(config)`` resolves the model, the data (clean data corrupted on the fly, or a pre-corrupted
-CIFAR-10-C / ImageNet-C folder, or real domains), the protocol and the methods; writes ``config.json``; runs each
-method through :func:`eval.runner.run_methods` (resumable) into ``results.jsonl``; and writes the report.
+CIFAR-10-C / ImageNet-C folder, or real domains), the protocol and the methods, and checks that they fit together
+(classes, image counts) before anything is written; then writes ``config.json``, runs each method through
+:func:`eval.runner.run_methods` (resumable) into ``results.jsonl``, and writes the report.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import nn
 import streams
 import tta
 from eval.environment import versions
+from eval.errors import UsageError
 from eval.method_cli import resolved_options
 from eval.metrics import mce
 from eval.records import ResultsLog, write_json_atomic
@@ -29,7 +31,7 @@ from streams.protocols import corruption_names
 
 # Fields that change results: a rerun into the same --out must agree on them (the others may differ).
 _RESULT_FIELDS = ("model", "weights", "arch", "input_mean", "input_std", "guard_window", "guard_min_entropy", "data", "split", "corruptions", "severity", "protocol", "delta", "batch_size",
-                  "n_images", "seed", "domains")
+                  "n_images", "seed", "domains", "class_map")
 
 #: Options of earlier versions that never changed results and are no longer recorded (``lean_graph``, tta 0.1: the
 #: same gradients bit for bit; a deprecated, unrecorded option since 0.2): a folder that recorded them resumes.
@@ -47,7 +49,9 @@ class BenchmarkConfig:
     arch: str | None = None  # package.module:callable for a model outside the registry (with a state dict)
     input_mean: list[float] | None = None  # input normalisation of an --arch model (required with it)
     input_std: list[float] | None = None
-    num_classes: int = 10
+    num_classes: int | None = None  # build the network for this many classes (None: its own default)
+    class_map: list[int] | None = None  # the model's output index of each class of the data, in the data's order
+    random_weights: bool = False  # evaluate a model without weights on purpose (otherwise refused)
     data: str = "digits"
     split: str = "test"
     methods: list[str] = field(default_factory=lambda: list(tta.methods()))
@@ -113,7 +117,20 @@ def _imagenet_c_folder(path: Path) -> bool:
 
 
 def build_stream(config: BenchmarkConfig):
-    """The protocol and the data it streams: corrupted on the fly, pre-corrupted files, or real domains."""
+    """The protocol and the data it streams: corrupted on the fly, pre-corrupted files, or real domains.
+    ``--n-images`` larger than a domain's data is refused (the stream itself would quietly take all of it)."""
+    stream = _build_stream(config)
+    if config.n_images is not None:
+        for position, domain in enumerate(stream.domains):
+            available = len(stream.source(position))
+            if config.n_images > available:
+                raise ValueError(f"--n-images {config.n_images} is more than the {available} images of {domain.name} "
+                                 f"in {config.data} (split {config.split}); pass --n-images {available} or fewer, or "
+                                 "leave it out to use them all")
+    return stream
+
+
+def _build_stream(config: BenchmarkConfig):
     path = Path(config.data).expanduser()
     if config.domains is not None:  # real domains: one ImageFolder per domain; [] = every domain found
         data = streams.load_domains(path, config.domains or None)
@@ -149,7 +166,8 @@ def _fresh_copy(model: nn.Module, config: "BenchmarkConfig") -> Callable[[], nn.
 
 
 def model_factory(config: BenchmarkConfig, model: nn.Module | None = None) -> Callable[[], nn.Module]:
-    """A function giving a fresh copy of the source model for each method (adapters change models in place)."""
+    """A function giving a fresh copy of the source model for each method (adapters change models in place).
+    The model is loaded (and so checked: weights, classes) once, here."""
     from eval.models import custom_entry, load_model
 
     if model is not None:
@@ -159,13 +177,38 @@ def model_factory(config: BenchmarkConfig, model: nn.Module | None = None) -> Ca
         if config.input_mean is None or config.input_std is None:
             raise ValueError("--arch needs the model's input normalisation: --input-mean and --input-std "
                              "(0,0,0 and 1,1,1 when the model normalises inside)")
-        entry = custom_entry(config.arch, tuple(config.input_mean), tuple(config.input_std), config.num_classes)
-    return lambda: load_model(config.model, config.weights, device=config.device, download=config.download,
-                              entry=entry)
+        entry = custom_entry(config.arch, tuple(config.input_mean), tuple(config.input_std))
+    loaded = load_model(config.model, config.weights, device="cpu", download=config.download, entry=entry,
+                        random_weights=config.random_weights, num_classes=config.num_classes,
+                        class_map=config.class_map)
+    return _fresh_copy(loaded, config)
+
+
+def check_model_fits_data(model: nn.Module, stream, config: BenchmarkConfig) -> None:
+    """The model must give one output per class of the data (a class map selects them from a larger model), and
+    run on the data's images."""
+    from eval.models import output_count
+
+    dataset = stream.source(0)
+    classes = len(dataset.classes)
+    channels, height, width = tuple(dataset.image_shape)
+    try:
+        outputs = output_count(model, (channels, height, width))
+    except Exception as error:  # the network's own error (shapes), with the images it was given
+        raise ValueError(f"{config.model} cannot run on the images of {config.data} ({channels}x{height}x{width}): "
+                         f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
+    if outputs != classes:
+        how = ("the class map lists" if config.class_map is not None else "the model gives")
+        raise UsageError("{how} {outputs} outputs but {data} has {classes} classes; give a model with {classes} "
+                         "outputs ({num_classes} when its constructor takes it, with {weights} trained for them), or "
+                         "{class_map} with the model's output index of each of the data's classes, in the data's "
+                         "class order (comma-separated, or a file of them)", how=how, outputs=outputs,
+                         data=config.data, classes=classes)
 
 
 def cafa_source_stats(config: BenchmarkConfig, make_model: Callable[[], nn.Module], out: Path) -> tta.SourceStats:
-    """Source statistics from a seeded class-balanced labelled subset of the source split, cached in ``out``."""
+    """Source statistics from a seeded class-balanced labelled subset of the source split, cached in ``out``
+    (saved by the caller once the run's folder is written, so a refused run writes nothing)."""
     path = out / "source_stats.pt"
     if path.exists():
         return tta.SourceStats.load(path)
@@ -175,29 +218,35 @@ def cafa_source_stats(config: BenchmarkConfig, make_model: Callable[[], nn.Modul
     for start in range(0, len(subset), config.batch_size):
         x, y = subset.get_batch(torch.arange(start, min(start + config.batch_size, len(subset))))
         batches.append((x.float().div(255).to(config.device), y))
-    stats = tta.source_stats(make_model(), batches)
-    stats.save(path)
-    return stats
+    return tta.source_stats(make_model(), batches)
 
 
 def run_benchmark(config: BenchmarkConfig, model: nn.Module | None = None, report: bool = True
                   ) -> dict[str, ErrorTable]:
     """Run (or resume) every method of ``config`` and write results.jsonl, config.json and the report
-    (``report=False``: no report and no tables returned; ``tta sweep`` reports once over all its cells)."""
+    (``report=False``: no report and no tables returned; ``tta sweep`` reports once over all its cells).
+
+    Everything that can be refused (methods, options, data, model, classes, cafa's source data) is checked
+    before anything is written to ``config.out``: a corrected command then starts cleanly in the same folder."""
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     unknown = [m for m in config.methods if m not in tta.methods()]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; registered: {', '.join(tta.methods())}")
     resolved = {m: resolved_options(m, config.method_options.get(m, {})) for m in config.methods}
     _check_same_run(out / "config.json", config, resolved)
+    torch.manual_seed(config.seed)
+    stream = build_stream(config)
+    make_model = model_factory(config, model)
+    check_model_fits_data(make_model(), stream, config)
+    stats = cafa_source_stats(config, make_model, out) if "cafa" in config.methods else None
+
+    out.mkdir(parents=True, exist_ok=True)
     earlier = json.loads((out / "config.json").read_text()).get("resolved_options", {}) \
         if (out / "config.json").exists() else {}
     write_json_atomic(out / "config.json", {"config": _jsonable(dataclasses.asdict(config)),  # every method ever run
                                             "resolved_options": {**earlier, **_jsonable(resolved)}, **versions()})
-    torch.manual_seed(config.seed)
-    stream = build_stream(config)
-    make_model = model_factory(config, model)
+    if stats is not None and not (out / "source_stats.pt").exists():
+        stats.save(out / "source_stats.pt")
     log = ResultsLog(out / "results.jsonl")
     context = {"protocol": config.protocol, "seed": config.seed, "model": config.model,
                "batch_size": config.batch_size}
@@ -205,7 +254,7 @@ def run_benchmark(config: BenchmarkConfig, model: nn.Module | None = None, repor
     for method in config.methods:
         options = dict(config.method_options.get(method, {}))
         if method == "cafa":
-            options["source_stats"] = cafa_source_stats(config, make_model, out)
+            options["source_stats"] = stats
         runs.append(MethodRun(label=method, options=resolved[method],
                               make_adapter=lambda m=method, o=options: tta.adapt(make_model(), m, **o)))
         if config.guard and method != "source":

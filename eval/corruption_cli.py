@@ -20,18 +20,45 @@ def _floats(text: str | None) -> list[float] | None:
     return None if text is None else [float(t) for t in _csv(text)]
 
 
+def class_map(text: str | None) -> list[int] | None:
+    """``--class-map``: the model's output index of each class of the data, in the data's class order, as a
+    comma-separated list or a file holding such indices (separated by commas, spaces or new lines)."""
+    if text is None:
+        return None
+    path = Path(text).expanduser()
+    source = path.read_text() if path.is_file() else text
+    items = source.replace(",", " ").split()
+    try:
+        indices = [int(item) for item in items]
+    except ValueError:
+        raise ValueError(f"--class-map must be integers (the model's output index of each class of the data) as "
+                         f"a comma-separated list or a file of them; got {text!r}") from None
+    if not indices:
+        raise ValueError(f"--class-map {text!r} holds no indices")
+    return indices
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by ``tta corruption`` and ``tta domains``."""
     parser.add_argument("--model", default="cifar10_resnet20",
-                        help="registered model (cifar10_resnet20/32/44/56) or torchvision:<arch>")
+                        help="registered model (cifar10_resnet20/32/44/56), torchvision:<arch>, or "
+                             "robustbench:[<dataset>/]<name> (checkpoint in $TTA_ROBUSTBENCH_DIR/<dataset>/corruptions/)")
     parser.add_argument("--weights", default=None, help="checkpoint file (state dict, loaded with weights_only=True)")
     parser.add_argument("--download", action="store_true", help="download the model's published weights (network)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="evaluate a model without --weights as randomly initialised (refused otherwise)")
     parser.add_argument("--arch", default=None,
                         help="package.module:callable building the network, for a --weights state dict of a model "
                              "outside the registry (needs --input-mean and --input-std)")
     parser.add_argument("--input-mean", default=None, help="with --arch: per-channel mean, e.g. 0.485,0.456,0.406")
     parser.add_argument("--input-std", default=None, help="with --arch: per-channel std, e.g. 0.229,0.224,0.225")
-    parser.add_argument("--num-classes", type=int, default=10, help="with --arch: number of classes")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="build the network for this many classes (passed to a constructor that takes "
+                             "num_classes; default: the network's own)")
+    parser.add_argument("--class-map", default=None,
+                        help="the model's output index of each class of the data, in the data's class order "
+                             "(comma-separated, or a file of them): evaluates e.g. a 1000-class ImageNet model on a "
+                             "200-class subset")
     parser.add_argument("--methods", default=",".join(tta.methods()),
                         help=f"comma-separated methods (default: all: {','.join(tta.methods())})")
     parser.add_argument("--protocol", default="reset", choices=KINDS)
@@ -83,7 +110,8 @@ def config_from_args(args: argparse.Namespace, **overrides) -> BenchmarkConfig:
     check_settings(args, methods)
     return BenchmarkConfig(
         out=args.out, model=args.arch or args.model, weights=args.weights, arch=args.arch,
-        download=args.download, input_mean=_floats(args.input_mean), input_std=_floats(args.input_std), num_classes=args.num_classes,
+        download=args.download, input_mean=_floats(args.input_mean), input_std=_floats(args.input_std),
+        num_classes=args.num_classes, class_map=class_map(args.class_map), random_weights=args.random_weights,
         data=getattr(args, "data", "digits"),
         split=getattr(args, "split", "test"), methods=methods,
         method_options={m: method_options_from_args(args, m) for m in methods if m in tta.methods()},

@@ -111,6 +111,11 @@ class Stream:
                            f"dict under {CLEAN_KEY!r} (or pass the clean ImageDataset itself)")
         return data[CLEAN_KEY]
 
+    def source(self, domain: int) -> AnyImageDataset:
+        """The dataset that domain position ``domain`` draws its images from (the clean data when corrupted on the
+        fly); its length can exceed the domain's subset of ``n_images``."""
+        return self._sources[domain]
+
     def _subset(self, i: int) -> np.ndarray:
         """Positions in the source used by domain i: all, or a seeded subset of at most ``n_images``."""
         source, n = self._sources[i], self.protocol.n_images

@@ -54,7 +54,7 @@ def test_accuracy_matrix_from_rows():
 
 def test_mean_std_and_aggregate():
     assert metrics.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
-    assert metrics.mean_std([0.5]) == (0.5, 0.0)
+    assert metrics.mean_std([0.5]) == (0.5, None)  # the spread of one value is undefined
     agg = metrics.aggregate({0: {"a": 1.0}, 1: {"a": 3.0}})
     assert agg["a"] == {"mean": 2.0, "std": pytest.approx(np.sqrt(2.0)), "n": 2}
 

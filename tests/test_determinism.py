@@ -15,7 +15,7 @@ def _run(out: Path, *extra: str) -> None:
                "--input-mean", "0.5,0.5,0.5", "--input-std", "0.5,0.5,0.5", "--methods",
                "source,norm,alpha_bn,core,cafa,tent", "--corruptions", "gaussian_noise,contrast", "--severity", "5",
                "--protocol", "continual", "--batch-size", "32", "--n-images", "96", "--source-images", "200",
-               "--threads", "1", "--no-progress", "--out", str(out), *extra]
+               "--threads", "1", "--no-progress", "--random-weights", "--out", str(out), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr

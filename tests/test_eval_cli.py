@@ -105,7 +105,7 @@ def test_models_by_registry_torchvision_robustbench_and_arch(tmp_path, monkeypat
 
     from eval.models import custom_entry, load_checkpoint, load_model, model_entry
 
-    tv = load_model("torchvision:resnet18")
+    tv = load_model("torchvision:resnet18", random_weights=True)
     assert tv(torch.rand(1, 3, 64, 64)).shape == (1, 1000)
     # robustbench: found by name in its own layout under TTA_ROBUSTBENCH_DIR
     monkeypatch.setenv("TTA_ROBUSTBENCH_DIR", str(tmp_path))
