@@ -8,6 +8,8 @@ CUDA, a network or a long run is marked in the Markdown, on the line just above 
 from __future__ import annotations
 
 import re
+import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -101,7 +103,9 @@ def test_markdown_files_hold_python_blocks() -> None:
 def test_python_block_runs_as_written(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       one_thread: None) -> None:
     monkeypatch.chdir(tmp_path)  # blocks may write files (stats.save("stats.pt"))
-    namespace: dict[str, Any] = {"__name__": f"block_{block.line}"}
+    module = types.ModuleType(f"block_{block.line}")  # a real module: dataclasses and pickling look it up
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    namespace: dict[str, Any] = module.__dict__
     namespace.update(PLACEHOLDERS.get(block.file, lambda mp: {})(monkeypatch))
     code = compile(block.code, f"{block.file}:{block.line}", "exec")
     exec(code, namespace)

@@ -127,7 +127,8 @@ def test_the_readme_method_runs_as_written_from_python_and_every_command(tmp_pat
     out = tmp_path / "run"
     ran = subprocess.run([sys.executable, "-m", "eval.cli", "corruption", "--plugin", "my_methods", "--data", "digits",
                           "--arch", "eval.demo:digits_cnn", "--input-mean", "0.5,0.5,0.5", "--input-std",
-                          "0.5,0.5,0.5", "--methods", "source,confident_tent", "--set", "confident_tent.threshold=0.4",
+                          "0.5,0.5,0.5", "--random-weights", "--methods", "source,confident_tent",
+                          "--set", "confident_tent.threshold=0.4",
                           "--corruptions", "contrast", "--n-images", "64", "--batch-size", "32", "--threads", "1",
                           "--no-progress", "--out", str(out)],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -303,7 +303,7 @@ def test_a_domains_cell_runs_as_tta_domains_does(tmp_path):
     for name, shift in (("photo", 0), ("sketch", 40)):
         _image_folder(tmp_path / "pacs" / name, shift)
     torch.manual_seed(0)
-    torch.save(digits_cnn().state_dict(), tmp_path / "cnn2.pt")  # 10 outputs; the data has classes 0 and 1
+    torch.save(digits_cnn(num_classes=2).state_dict(), tmp_path / "cnn2.pt")  # the data has classes 0 and 1
     text = f"""
 batch_sizes = [8]
 [methods]
@@ -314,6 +314,7 @@ arch = "eval.demo:digits_cnn"
 weights = "{tmp_path / 'cnn2.pt'}"
 input_mean = [0, 0, 0]
 input_std = [1, 1, 1]
+num_classes = 2
 [[data]]
 name = "pacs"
 path = "{tmp_path / 'pacs'}"
@@ -326,7 +327,8 @@ domains = ["sketch", "photo"]
         records = run_cell(cell, threads=1, accel=ALL_ON)
         out = tmp_path / "ref"
         assert main(["domains", "--data", str(tmp_path / "pacs"), "--domains", "sketch,photo", "--methods", "norm",
-                     "--arch", "eval.demo:digits_cnn", "--weights", str(tmp_path / "cnn2.pt"), "--input-mean",
+                     "--arch", "eval.demo:digits_cnn", "--num-classes", "2", "--weights", str(tmp_path / "cnn2.pt"),
+                     "--input-mean",
                      "0,0,0", "--input-std", "1,1,1", "--batch-size", "8", "--threads", "1",
                      "--no-progress", "--out", str(out)]) == 0
     finally:
