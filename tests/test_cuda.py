@@ -91,3 +91,25 @@ def test_bench_on_cuda_measures_every_row(amp):
     assert not [m for m, r in rows.items() if r["error"]], {m: r["error"] for m, r in rows.items()}
     for name in tta.methods():
         assert rows[name]["ms_per_batch"] > 0 and rows[name]["peak_memory_mb"] > 0
+
+
+def test_lean_graph_on_cuda_gives_autograd_gradients():
+    from tta.accel.lean_graph import LeanGraph
+
+    model = conv_net().cuda()
+    x = torch.rand(16, 3, 12, 12, generator=torch.Generator().manual_seed(0)).cuda()
+    for p in model.parameters():
+        p.requires_grad_(p.dim() == 1)  # BatchNorm and bias vectors train; convolutions are frozen
+    grads = []
+    for lean in (False, True):
+        model.zero_grad()
+        if lean:
+            with LeanGraph():
+                loss = model(x).logsumexp(1).mean()
+        else:
+            loss = model(x).logsumexp(1).mean()
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)

@@ -80,7 +80,7 @@ class FrozenConvolution(torch.autograd.Function):
         if grad.shape == ctx.input_shape and grad.is_contiguous(memory_format=ctx.layout):
             stand_in = grad
         else:
-            stand_in = torch.empty(ctx.input_shape, dtype=grad.dtype, memory_format=ctx.layout)
+            stand_in = torch.empty(ctx.input_shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.layout)
         grad_input = torch.ops.aten.convolution_backward(
             grad, stand_in, weight, None, stride, padding, dilation, False, output_padding, groups,
             (True, False, False))[0]
