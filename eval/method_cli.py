@@ -141,4 +141,5 @@ def resolved_options(method: str, given: dict[str, Any]) -> dict[str, Any]:
     """Every option of ``method`` with its value (given or default), JSON-friendly, for results and config
     (deprecated options, which never change results, are left out)."""
     options = tta.method_options(method)(**given)
-    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.metadata.get("cli", True) is True}
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+            if f.metadata.get("cli", True) is True}
