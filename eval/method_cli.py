@@ -39,7 +39,8 @@ def cli_fields(method: str, deprecated: bool = False) -> list[tuple[dataclasses.
     cls = tta.method_options(method)
     hints = typing.get_type_hints(cls)
     shown = (True, "deprecated") if deprecated else (True,)
-    fields = [(f, _without_none(hints[f.name])) for f in dataclasses.fields(cls) if f.metadata.get("cli", True) in shown]
+    fields = [(f, _without_none(hints[f.name])) for f in dataclasses.fields(cls)
+              if f.metadata.get("cli", True) in shown]
     return [(f, hint) for f, hint in fields if hint in (bool, int, float, str) or get_origin(hint) is Literal]
 
 
