@@ -104,7 +104,7 @@ def test_state_dict_round_trip_continues_identically():
 
 
 def test_adapt_errors_name_the_method_and_what_it_needs():
-    with pytest.raises(ValueError, match="'tent' adapts BatchNorm layers.*has none"):
+    with pytest.raises(ValueError, match="'tent' trains norm affine parameters, but this model has none.*no normalisation layers"):
         tta.adapt(no_norm_net(), "tent")
     with pytest.raises(ValueError, match="'norm'"):
         tta.adapt(no_norm_net(), "norm")

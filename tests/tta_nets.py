@@ -32,6 +32,28 @@ def conv3d_net(seed: int = 0) -> nn.Module:
     return net.eval()
 
 
+def tiny_vit(num_classes: int = 4, seed: int = 0) -> nn.Module:
+    """A randomly initialised timm ViT of the vit_tiny family, shrunk (2 blocks, width 32, 8-pixel patches on
+    32 x 32 images): LayerNorm only, no BatchNorm."""
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                             embed_dim=32, num_heads=2, num_classes=num_classes).eval()
+
+
+def gn_resnet(num_classes: int = 4, seed: int = 0) -> nn.Module:
+    """A randomly initialised timm ResNet (BasicBlock, one block per stage, narrow) with GroupNorm instead of BN."""
+    import functools
+
+    from timm.layers import GroupNorm
+    from timm.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(seed)
+    return ResNet(block=BasicBlock, layers=(1, 1, 1, 1), channels=(8, 16, 16, 16), stem_width=8,
+                  norm_layer=functools.partial(GroupNorm, num_groups=4), num_classes=num_classes).eval()
+
+
 def no_norm_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
 

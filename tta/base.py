@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from tta import accel
-from tta.norm_layers import MixedBatchNorm, find_batchnorms, swap_batchnorms, undo_swaps
+from tta.norm_layers import (MixedBatchNorm, describe_norm_layers, find_batchnorms, find_per_sample_norms,
+                             swap_batchnorms, undo_swaps)
 from tta.optim import make_optimizer
 from tta.options import GradientOptions, MethodOptions
 from tta.snapshot import Snapshot
@@ -40,7 +41,8 @@ class Adapted(nn.Module):
     updates: ClassVar[str] = "nothing"  # parameters it changes: "nothing", "norm affine" or "all"
     batch_statistics: ClassVar[str] = "never"  # normalises with batch statistics: "never", "always", "alpha < 1"
     source_data: ClassVar[str | None] = None  # what it needs from the source domain, if anything
-    layers: ClassVar[str] = "any"  # the layers it adapts: "any" (none needed) or "BatchNorm"
+    # The layers it needs: "any" (none), "BatchNorm", or NORM_LAYERS (BatchNorm, LayerNorm, GroupNorm or RMSNorm).
+    layers: ClassVar[str] = "any"
     episodic_by_design: ClassVar[bool] = False  # resets before every batch whatever `episodic` says
     may_skip_update: ClassVar[bool] = False  # may leave a batch without an update (e.g. a non-finite loss)
 
@@ -122,8 +124,15 @@ class Adapted(nn.Module):
         return f"method={self.name!r}, options={self.options}"
 
 
+NORM_LAYERS = "BatchNorm, LayerNorm, GroupNorm"
+
+
 class BatchNormAdapter(Adapted):
-    """Base of the methods that change how BatchNorm layers normalise (statistics mixing with weight ``alpha``)."""
+    """Base of the methods that change how BatchNorm layers normalise (statistics mixing with weight ``alpha``).
+
+    With ``layers = "BatchNorm"`` (the default) a model without BatchNorm is refused; a subclass declaring
+    ``layers = NORM_LAYERS`` accepts one and swaps whatever BatchNorm layers there are.
+    """
 
     default_alpha: ClassVar[float] = 0.0
     batch_statistics: ClassVar[str] = "always"
@@ -135,10 +144,12 @@ class BatchNormAdapter(Adapted):
         return float(getattr(self.options, "alpha", self.default_alpha))
 
     def _setup(self) -> None:
-        if not find_batchnorms(self.model):
+        if self.layers == "BatchNorm" and not find_batchnorms(self.model):
             raise ValueError(
-                f"method {self.name!r} adapts BatchNorm layers, but this model has none (found no BatchNorm1d/2d/3d "
-                "or SyncBatchNorm); use method='source', or a model with BatchNorm")
+                f"method {self.name!r} adapts BatchNorm layers, but this model has none (found "
+                f"{describe_norm_layers(self.model)}; no BatchNorm1d/2d/3d or SyncBatchNorm); use a method that "
+                "trains LayerNorm/GroupNorm affine parameters (`tta methods` lists their layers), or a model with "
+                "BatchNorm")
         self._swaps = swap_batchnorms(self.model, self.alpha)
 
     @property
@@ -165,9 +176,12 @@ class BatchNormAdapter(Adapted):
 
 
 class GradientAdapter(BatchNormAdapter):
-    """Base of the methods that take gradient steps on the BatchNorm affine parameters (gamma, beta) only.
+    """Base of the methods that take gradient steps on the normalisation layers' affine parameters (gamma, beta).
 
-    Every other parameter gets ``requires_grad=False`` while adapted (no weight gradients are computed for it,
+    BatchNorm layers normalise with batch statistics (mixed with weight ``alpha``) and train their affine
+    parameters; LayerNorm, GroupNorm and RMSNorm layers are used as they are and train theirs, so the method runs
+    on a ViT or a GroupNorm ResNet as well. A subclass that trains other parameters overrides
+    :meth:`_trainable_parameters`; the snapshot covers whatever it returns. Every other parameter gets ``requires_grad=False`` while adapted (no weight gradients are computed for it,
     and it never changes); ``release()`` restores the flags. Each step: forward, loss, backward, optimizer step;
     the logits returned are those of the last forward, computed before its update (as tent does).
     The step is autograd's ordinary graph; with ``tta.accel.enable()``, large CPU batches run their forward pass
@@ -178,6 +192,7 @@ class GradientAdapter(BatchNormAdapter):
 
     Options: ClassVar[type] = GradientOptions
     updates: ClassVar[str] = "norm affine"
+    layers: ClassVar[str] = NORM_LAYERS
     may_skip_update: ClassVar[bool] = True
 
     def _setup(self) -> None:
@@ -187,10 +202,12 @@ class GradientAdapter(BatchNormAdapter):
                                  f"{self.options.lean_graph!r}")
             warnings.warn(LEAN_GRAPH_DEPRECATION, FutureWarning, stacklevel=4)
         super()._setup()
-        self.params = [p for layer in self.norm_layers for p in (layer.weight, layer.bias) if p is not None]
+        self.affine_layers: list[nn.Module] = [*self.norm_layers, *(m for _, m in find_per_sample_norms(self.model))]
+        self.params = self._trainable_parameters()
         if not self.params:
-            raise ValueError(f"method {self.name!r} trains the BatchNorm affine parameters, but every BatchNorm of "
-                             "this model was built with affine=False; use method='norm' or 'alpha_bn'")
+            raise ValueError(f"method {self.name!r} trains {self.updates} parameters, but this model has none to "
+                             f"train (found {describe_norm_layers(self.model)}; layers built with affine=False have "
+                             "no affine parameters); use method='norm' or 'alpha_bn' for BatchNorm without affine")
         self._requires_grad = {name: p.requires_grad for name, p in self.model.named_parameters()}
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -198,8 +215,15 @@ class GradientAdapter(BatchNormAdapter):
             p.requires_grad_(True)
         self.optimizer = make_optimizer(self.params, self.options)
 
+    def _trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates: the affine parameters of every normalisation layer (``updates``)."""
+        return [p for layer in self.affine_layers for p in (layer.weight, getattr(layer, "bias", None))
+                if p is not None]
+
     def _make_snapshot(self) -> Snapshot:
-        return Snapshot(self._norm_tensors(), self.optimizer)
+        norm = self._norm_tensors()
+        seen = {id(t) for t in norm}
+        return Snapshot(norm + [p for p in self.params if id(p) not in seen], self.optimizer)
 
     def loss(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """The unsupervised objective minimised on each batch."""

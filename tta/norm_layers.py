@@ -21,6 +21,30 @@ def find_batchnorms(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
 
 
+# The normalisation layers whose affine parameters the gradient methods train. BatchNorm is found separately
+# (it is swapped for MixedBatchNorm); these normalise each sample on its own and are used as they are.
+# Subclasses count (timm's LayerNorm2d is an nn.LayerNorm).
+PER_SAMPLE_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm")
+                                                                              else ()))
+
+
+def find_per_sample_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every LayerNorm, GroupNorm or RMSNorm layer (any subclass) of the model, with its qualified name."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, PER_SAMPLE_NORMS)]
+
+
+def describe_norm_layers(model: nn.Module) -> str:
+    """What normalisation layers a model has, for error messages: e.g. ``"LayerNorm x 25, GroupNorm x 2"``."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        kind = next((t.__name__ for t in (_BatchNorm, *PER_SAMPLE_NORMS, nn.modules.instancenorm._InstanceNorm)
+                     if isinstance(m, t)), None)
+        if kind is not None:
+            kind = "BatchNorm" if kind == "_BatchNorm" else "InstanceNorm" if kind == "_InstanceNorm" else kind
+            counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{kind} x {n}" for kind, n in counts.items()) or "no normalisation layers"
+
+
 def mix_statistics(alpha: float, source: torch.Tensor | None, batch: torch.Tensor) -> torch.Tensor:
     """``alpha * source + (1 - alpha) * batch`` (the batch alone without source statistics or at alpha = 0)."""
     if source is None or alpha == 0.0:

@@ -42,6 +42,7 @@ class Core(GradientAdapter):
 
     Options = CoreOptions
     batch_statistics = "alpha < 1"
+    layers = "BatchNorm"  # its statistics mixing is defined on BatchNorm
 
     def loss(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return class_correlation_loss(logits.softmax(1))
