@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -45,6 +45,7 @@ class Adapted(nn.Module):
     layers: ClassVar[str] = "any"
     episodic_by_design: ClassVar[bool] = False  # resets before every batch whatever `episodic` says
     may_skip_update: ClassVar[bool] = False  # may leave a batch without an update (e.g. a non-finite loss)
+    multi_pass: ClassVar[bool] = False  # more than one forward pass per batch (augmentations, teacher, SAM)
 
     def __init__(self, model: nn.Module, options: MethodOptions) -> None:
         super().__init__()
@@ -64,6 +65,14 @@ class Adapted(nn.Module):
         self._setup()
         model.eval()
         self._snapshot = self._make_snapshot()
+
+    @classmethod
+    def source_options(cls, model: nn.Module, batches: Iterable[Any]) -> dict[str, Any]:
+        """The options this method computes from source data (``source_data`` says what kind), ready to pass to
+        ``tta.adapt(model, name, **options)``: e.g. cafa's ``source_stats``. ``batches`` yields ``(x, y)`` pairs
+        of source images and labels (methods that need no labels ignore ``y``). A source-free method returns {}.
+        """
+        return {}
 
     # -- hooks for subclasses ------------------------------------------------------------------------------------
     def _setup(self) -> None:

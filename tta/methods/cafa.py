@@ -102,6 +102,13 @@ class Cafa(GradientAdapter):
     source_data = "class-conditional feature statistics of labelled source images (tta.source_stats)"
     default_alpha = 0.0
 
+    @classmethod
+    def source_options(cls, model: nn.Module, batches) -> dict:
+        """``source_stats`` from labelled source batches (see :func:`tta.source_stats`)."""
+        from tta.source_stats import source_stats
+
+        return {"source_stats": source_stats(model, batches)}
+
     def _setup(self) -> None:
         stats = self.options.source_stats
         if stats is None:
