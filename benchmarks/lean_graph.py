@@ -150,7 +150,7 @@ def time_adapters(weights: str | None, batch: int, rounds: int, methods: tuple[s
     import copy
 
     import tta
-    from eval.bench import BenchConfig, build_model, random_source_stats
+    from eval.bench import BenchConfig, build_model, random_source_options
 
     from tta.accel.lean_graph import LeanGraph
 
@@ -166,9 +166,7 @@ def time_adapters(weights: str | None, batch: int, rounds: int, methods: tuple[s
 
     rows: dict[str, Callable[[], Any]] = {"plain": infer}
     for method in methods:
-        options = {}
-        if method == "cafa":
-            options["source_stats"] = random_source_stats(model, BenchConfig(batch_size=batch))
+        options = random_source_options(method, model, BenchConfig(batch_size=batch))
         for graph in ("on", "off"):
             adapted = tta.adapt(copy.deepcopy(model), method, **options)
             lean = graph == "on"  # the forward under LeanGraph or autograd's graph, whatever the batch size

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from eval.bench import BenchConfig, build_model, build_row, make_inputs, random_source_stats, row_names
+from eval.bench import BenchConfig, build_model, build_row, make_inputs, random_source_options, row_names
 import tta
 from tta.accel.allocator import malloc_settings
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name in row_names(args.methods):
         model, _ = build_model(config)
-        row = build_row(name, model, config, random_source_stats(model, config) if name == "cafa" else None)
+        row = build_row(name, model, config, random_source_options(name, model, config))
         for i in range(args.warmup):
             row.call(inputs[i % len(inputs)])
         faults, cpu = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()

@@ -16,14 +16,13 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from eval.bench import BenchConfig, build_model, build_row, make_inputs, random_source_stats, row_names
+from eval.bench import BenchConfig, build_model, build_row, make_inputs, random_source_options, row_names
 
 
 def profile_row(name: str, config: BenchConfig, batches: int, warmup: int) -> list[dict]:
     """Self CPU time per operator (ms per batch), largest first, for one row on a fresh copy of the model."""
     model, _ = build_model(config)
-    stats = random_source_stats(model, config) if name == "cafa" else None
-    row = build_row(name, model, config, stats)
+    row = build_row(name, model, config, random_source_options(name, model, config))
     inputs = make_inputs(config)
     for i in range(warmup):
         row.call(inputs[i % len(inputs)])

@@ -65,7 +65,7 @@ class BenchmarkConfig:
     seed: int = 0
     device: str = "cpu"
     domains: list[str] | None = None  # real domains (one ImageFolder each) instead of corruptions; [] = all
-    source_data: str | None = None  # labelled source data for cafa's statistics (default: ``data``)
+    source_data: str | None = None  # labelled source data of the methods that need some (default: ``data``)
     source_split: str = "train"
     source_images: int = 2000
     guard: bool = False  # also run every BatchNorm method wrapped in a CollapseGuard (rows "<method>+guard")
@@ -206,19 +206,37 @@ def check_model_fits_data(model: nn.Module, stream, config: BenchmarkConfig) -> 
                          data=config.data, classes=classes)
 
 
-def cafa_source_stats(config: BenchmarkConfig, make_model: Callable[[], nn.Module], out: Path) -> tta.SourceStats:
-    """Source statistics from a seeded class-balanced labelled subset of the source split, cached in ``out``
-    (saved by the caller once the run's folder is written, so a refused run writes nothing)."""
-    path = out / "source_stats.pt"
-    if path.exists():
-        return tta.SourceStats.load(path)
+def needs_source_data(method: str) -> bool:
+    """Whether the method computes something from source data before it adapts (its class declares it)."""
+    return tta.registry.method_class(method).source_data is not None
+
+
+def source_batches(config: BenchmarkConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A seeded class-balanced labelled subset of the source split (``source_images`` images), in batches."""
     source = streams.load_dataset(config.source_data or config.data, split=config.source_split)
     subset = streams.class_balanced_subset(source, min(config.source_images, len(source)), seed=config.seed)
     batches = []
     for start in range(0, len(subset), config.batch_size):
         x, y = subset.get_batch(torch.arange(start, min(start + config.batch_size, len(subset))))
         batches.append((x.float().div(255).to(config.device), y))
-    return tta.source_stats(make_model(), batches)
+    return batches
+
+
+def source_files(out: Path, method: str, options: dict[str, Any]) -> dict[str, Path]:
+    """Where a method's source-data options are cached in the run's folder (one file per option)."""
+    return {key: out / f"source_{method}_{key}.pt" for key in options}
+
+
+def method_source_options(config: BenchmarkConfig, make_model: Callable[[], nn.Module], out: Path, method: str,
+                          options: Any) -> dict[str, Any]:
+    """What ``method`` computes from the source subset (its class's ``source_options``), or the files a previous
+    run of this folder cached (saved by the caller once the run's folder is written, so a refused run writes
+    nothing). An option is then given as its file's path, which every such option accepts."""
+    cls = tta.registry.method_class(method)
+    cached = sorted(out.glob(f"source_{method}_*.pt"))
+    if cached:
+        return {path.stem[len(f"source_{method}_"):]: str(path) for path in cached}
+    return cls.source_options(make_model(), source_batches(config), options)
 
 
 def run_benchmark(config: BenchmarkConfig, model: nn.Module | None = None, report: bool = True
@@ -226,7 +244,7 @@ def run_benchmark(config: BenchmarkConfig, model: nn.Module | None = None, repor
     """Run (or resume) every method of ``config`` and write results.jsonl, config.json and the report
     (``report=False``: no report and no tables returned; ``tta sweep`` reports once over all its cells).
 
-    Everything that can be refused (methods, options, data, model, classes, cafa's source data) is checked
+    Everything that can be refused (methods, options, data, model, classes, source data) is checked
     before anything is written to ``config.out``: a corrected command then starts cleanly in the same folder."""
     out = Path(config.out)
     unknown = [m for m in config.methods if m not in tta.methods()]
@@ -238,23 +256,24 @@ def run_benchmark(config: BenchmarkConfig, model: nn.Module | None = None, repor
     stream = build_stream(config)
     make_model = model_factory(config, model)
     check_model_fits_data(make_model(), stream, config)
-    stats = cafa_source_stats(config, make_model, out) if "cafa" in config.methods else None
+    from_source = {m: method_source_options(config, make_model, out, m, tta.method_options(m)(**config.method_options.get(m, {})))
+                   for m in config.methods if needs_source_data(m)}
 
     out.mkdir(parents=True, exist_ok=True)
     earlier = json.loads((out / "config.json").read_text()).get("resolved_options", {}) \
         if (out / "config.json").exists() else {}
     write_json_atomic(out / "config.json", {"config": _jsonable(dataclasses.asdict(config)),  # every method ever run
                                             "resolved_options": {**earlier, **_jsonable(resolved)}, **versions()})
-    if stats is not None and not (out / "source_stats.pt").exists():
-        stats.save(out / "source_stats.pt")
+    for method, values in from_source.items():
+        for key, path in source_files(out, method, values).items():
+            if not isinstance(values[key], str):
+                values[key].save(path)
     log = ResultsLog(out / "results.jsonl")
     context = {"protocol": config.protocol, "seed": config.seed, "model": config.model,
                "batch_size": config.batch_size}
     runs = []
     for method in config.methods:
-        options = dict(config.method_options.get(method, {}))
-        if method == "cafa":
-            options["source_stats"] = stats
+        options = {**config.method_options.get(method, {}), **from_source.get(method, {})}
         runs.append(MethodRun(label=method, options=resolved[method],
                               make_adapter=lambda m=method, o=options: tta.adapt(make_model(), m, **o)))
         if config.guard and method != "source":

@@ -37,7 +37,7 @@ def test_pass_counts(name: str, steps: int, expected: tuple[float, float]) -> No
     model = conv_net()
     options = {name: {"steps": steps}} if name in ("tent", "core", "cafa") else {}
     config = BenchConfig(method_options=options)
-    row = build_row(name, model, config, _stats(model) if name == "cafa" else None)
+    row = build_row(name, model, config, {"source_stats": _stats(model)} if name == "cafa" else None)
     assert count_passes(row, _batch()) == expected
 
 
@@ -155,7 +155,7 @@ def test_bench_json_metadata(tiny_run: tuple[dict, str]) -> None:
     assert result["versions"]["torch_threads"] == 1
     assert result["machine"]["start"]["cpu_count"] >= 1
     assert "random initialisation" in result["weights"]
-    assert {g["goal"] for g in result["goals"]} >= {"norm <= 1.10x plain", "tent <= 2.5x plain"}
+    assert {g["goal"] for g in result["goals"]} >= {"norm <= 1.15x plain", "tent <= 2.5x plain"}
     assert set(result["accel"]) == {*tta.accel.PIECES, "notes"} and result["versions"]["accel"] == result["accel"]
 
 
@@ -174,7 +174,7 @@ def test_goals_use_paired_ratios() -> None:
         r["ratio_paired"] = sorted(t / p for t, p in zip(r["ms_all"], plain["ms_all"]))[1]
     goals = {g["goal"]: g for g in bench.check_goals({"records": [plain, norm, tent, ref]})}
     assert norm["ratio_to_plain"] == pytest.approx(1.225)
-    assert goals["norm <= 1.10x plain"]["value"] == pytest.approx(1.08) and goals["norm <= 1.10x plain"]["met"]
+    assert goals["norm <= 1.15x plain"]["value"] == pytest.approx(1.08) and goals["norm <= 1.15x plain"]["met"]
     assert goals["tent faster than tent (reference): speedup"]["value"] == pytest.approx(1.5)
 
 

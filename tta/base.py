@@ -67,10 +67,12 @@ class Adapted(nn.Module):
         self._snapshot = self._make_snapshot()
 
     @classmethod
-    def source_options(cls, model: nn.Module, batches: Iterable[Any]) -> dict[str, Any]:
+    def source_options(cls, model: nn.Module, batches: Iterable[Any], options: Any = None) -> dict[str, Any]:
         """The options this method computes from source data (``source_data`` says what kind), ready to pass to
         ``tta.adapt(model, name, **options)``: e.g. cafa's ``source_stats``. ``batches`` yields ``(x, y)`` pairs
-        of source images and labels (methods that need no labels ignore ``y``). A source-free method returns {}.
+        of source images and labels (methods that need no labels ignore ``y``); ``options``, the method's other
+        options if given, may shape what is computed. Each value returned has ``save(path)``, and the option also
+        accepts the saved file's path (so runners can cache it). A source-free method returns {}.
         """
         return {}
 

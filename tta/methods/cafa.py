@@ -103,11 +103,13 @@ class Cafa(GradientAdapter):
     default_alpha = 0.0
 
     @classmethod
-    def source_options(cls, model: nn.Module, batches) -> dict:
-        """``source_stats`` from labelled source batches (see :func:`tta.source_stats`)."""
+    def source_options(cls, model: nn.Module, batches, options: CafaOptions | None = None) -> dict:
+        """``source_stats`` from labelled source batches (:func:`tta.source_stats`; per-class covariances when
+        ``options.covariance == 'class'``)."""
         from tta.source_stats import source_stats
 
-        return {"source_stats": source_stats(model, batches)}
+        per_class = True if options is not None and options.covariance == "class" else None  # None: when it fits
+        return {"source_stats": source_stats(model, batches, class_covariance=per_class)}
 
     def _setup(self) -> None:
         stats = self.options.source_stats
