@@ -46,6 +46,13 @@ class Adapted(nn.Module):
     episodic_by_design: ClassVar[bool] = False  # resets before every batch whatever `episodic` says
     may_skip_update: ClassVar[bool] = False  # may leave a batch without an update (e.g. a non-finite loss)
     multi_pass: ClassVar[bool] = False  # more than one forward pass per batch (augmentations, teacher, SAM)
+    inputs: ClassVar[str] = "any"  # "images": needs (N, C, H, W) batches (augmentations, patch shuffling)
+    # Reads penultimate features at the input of the classifier layer (the last nn.Linear, or a feature_layer
+    # option): prototype and kNN methods, feature alignment, a frozen head.
+    uses_classifier: ClassVar[bool] = False
+    # Options under which the method's sample filters keep every sample (entropy margins opened, thresholds
+    # lowered), so tests and benchmarks on random models exercise the update path; {} for methods without filters.
+    select_all_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, model: nn.Module, options: MethodOptions) -> None:
         super().__init__()

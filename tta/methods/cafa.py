@@ -100,6 +100,7 @@ class Cafa(GradientAdapter):
 
     Options = CafaOptions
     source_data = "class-conditional feature statistics of labelled source images (tta.source_stats)"
+    uses_classifier = True
     default_alpha = 0.0
 
     @classmethod
