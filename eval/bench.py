@@ -52,19 +52,27 @@ REFERENCE_ROWS = {"norm_ref": "norm (reference)", "tent_ref": "tent (reference)"
 ALL_REFERENCES = ["norm_ref", "tent_ref"]
 
 
+def default_methods() -> list[str]:
+    """The methods of the default rows: every registered method with one forward pass per batch (forward-only
+    and one-step methods); multi-pass methods (augmentations, teachers, SAM) only on request."""
+    return [name for name in tta.methods() if not tta.registry.method_class(name).multi_pass]
+
+
 def row_names(methods: str | list[str]) -> list[str]:
-    """Rows to measure, plain first: ``all`` = every registered method plus the reference rows ``norm_ref`` and
-    ``tent_ref``; ``tent_ref_frozen`` (reference tent with the other parameters frozen) only when named."""
+    """Rows to measure, plain first: ``default`` = the single-pass methods (:func:`default_methods`) plus the
+    reference rows ``norm_ref`` and ``tent_ref``; ``all`` = every registered method plus those reference rows;
+    ``tent_ref_frozen`` (reference tent with the other parameters frozen) only when named."""
     parts = [methods] if isinstance(methods, str) else list(methods)
     given = [m.strip() for part in parts for m in part.split(",") if m.strip()]
     names: list[str] = []
     for name in given:
-        expanded = [*tta.methods(), *ALL_REFERENCES] if name == "all" else [name]
+        expanded = ([*tta.methods(), *ALL_REFERENCES] if name == "all" else
+                    [*default_methods(), *ALL_REFERENCES] if name == "default" else [name])
         for item in expanded:
             if item in REFERENCE_ROWS.values():  # accept the display name too
                 item = next(k for k, v in REFERENCE_ROWS.items() if v == item)
             if item not in (PLAIN, *tta.methods(), *REFERENCE_ROWS):
-                raise ValueError(f"unknown method {item!r}; choose from: all, {', '.join(tta.methods())}, "
+                raise ValueError(f"unknown method {item!r}; choose from: default, all, {', '.join(tta.methods())}, "
                                  f"{', '.join(REFERENCE_ROWS)} (plain inference is always measured)")
             label = REFERENCE_ROWS.get(item, item)
             if label not in names and label != PLAIN:
@@ -78,7 +86,7 @@ class BenchConfig:
 
     model: str = "cifar10_resnet20"
     weights: str | None = None
-    methods: list[str] = field(default_factory=lambda: ["all"])
+    methods: list[str] = field(default_factory=lambda: ["default"])
     batch_size: int = 200
     device: str = "cpu"
     amp: bool = False

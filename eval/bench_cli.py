@@ -23,10 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="registered model (cifar10_resnet20/32/44/56) or torchvision:<arch> (224 px)")
     parser.add_argument("--weights", default=None,
                         help="checkpoint file; without it the model is randomly initialised (fine for timing)")
-    parser.add_argument("--methods", default="all",
-                        help=f"'all' ({','.join(tta.methods())},norm_ref,tent_ref) or a comma-separated list; "
-                             "tent_ref_frozen = reference tent with the other parameters frozen. Plain inference "
-                             "is always measured")
+    parser.add_argument("--methods", default="default",
+                        help="'default' (the single-pass methods: forward-only and one-step, plus norm_ref,tent_ref), "
+                             "'all' (every registered method, multi-pass ones such as augmentation or teacher methods "
+                             "included) or a comma-separated list; tent_ref_frozen = reference tent with the other "
+                             "parameters frozen. Plain inference is always measured")
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast for every row (plain included)")

@@ -12,6 +12,7 @@ from eval import bench
 from eval.bench import BenchConfig, PassCounter, build_row, count_passes, quantile, row_names
 from eval.bench_reference import ReferenceNorm, ReferenceTent
 from eval.cli import main as tta_main
+from tests.method_cases import option_names, source_options
 from tests.tta_nets import conv_net
 
 torch.set_num_threads(1)
@@ -21,23 +22,31 @@ def _batch(n: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
-def _stats(model: torch.nn.Module) -> tta.SourceStats:
-    x = torch.rand(40, 3, 8, 8, generator=torch.Generator().manual_seed(5))
-    return tta.source_stats(model, [(x, torch.arange(40) % 4)], class_covariance=False)
-
-
 # -- passes per sample, counted with hooks --------------------------------------------------------------------------
-@pytest.mark.parametrize("name, steps, expected", [
-    ("plain", 1, (1.0, 0.0)), ("source", 1, (1.0, 0.0)), ("norm", 1, (1.0, 0.0)), ("alpha_bn", 1, (1.0, 0.0)),
-    ("tent", 1, (1.0, 1.0)), ("core", 1, (1.0, 1.0)), ("cafa", 1, (1.0, 1.0)),
-    ("tent", 2, (2.0, 2.0)), ("core", 2, (2.0, 2.0)), ("cafa", 2, (2.0, 2.0)),
-    ("norm (reference)", 1, (1.0, 0.0)), ("tent (reference)", 1, (1.0, 1.0)),
-])
+def _single_pass_cases() -> list[tuple[str, int, tuple[float, float]]]:
+    """Expected passes per sample from each method's declaration: a forward-only method one forward, a one-step
+    gradient method ``steps`` forwards and backwards (multi-pass methods are counted by their own tests)."""
+    cases = [("plain", 1, (1.0, 0.0)), ("norm (reference)", 1, (1.0, 0.0)), ("tent (reference)", 1, (1.0, 1.0))]
+    for name in bench.default_methods():
+        if tta.registry.method_class(name).updates == "nothing":
+            cases.append((name, 1, (1.0, 0.0)))
+        else:
+            cases += [(name, steps, (float(steps), float(steps))) for steps in (1, 2)
+                      if steps == 1 or "steps" in option_names(name)]
+    return cases
+
+
+@pytest.mark.parametrize("name, steps, expected", _single_pass_cases())
 def test_pass_counts(name: str, steps: int, expected: tuple[float, float]) -> None:
     model = conv_net()
-    options = {name: {"steps": steps}} if name in ("tent", "core", "cafa") else {}
+    method = name in tta.methods()
+    options = {}
+    if method:
+        options = dict(tta.registry.method_class(name).select_all_options)
+        options.update({"steps": steps} if "steps" in option_names(name) else {})
+        options = {name: options}
     config = BenchConfig(method_options=options)
-    row = build_row(name, model, config, {"source_stats": _stats(model)} if name == "cafa" else None)
+    row = build_row(name, model, config, source_options(name, model) if method else None)
     assert count_passes(row, _batch()) == expected
 
 
@@ -108,7 +117,7 @@ def test_reference_norm_equals_ours_and_resets() -> None:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("bench")
-    argv = ["bench", "--model", "cifar10_resnet20", "--methods", "all", "--batch-size", "8", "--repeats", "2",
+    argv = ["bench", "--model", "cifar10_resnet20", "--batch-size", "8", "--repeats", "2",
             "--warmup", "1", "--threads", "1", "--memory", "inprocess", "--out", str(out)]
     assert tta_main(argv) == 0
     return json.loads((out / "bench.json").read_text()), str(out)
@@ -117,7 +126,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
 def test_bench_json_records(tiny_run: tuple[dict, str]) -> None:
     result, _ = tiny_run
     records = {r["method"]: r for r in result["records"]}
-    assert list(records) == ["plain", *tta.methods(), "norm (reference)", "tent (reference)"]
+    assert list(records) == ["plain", *bench.default_methods(), "norm (reference)", "tent (reference)"]
     for name, r in records.items():
         assert r["error"] is None, name
         for key in ("images_per_s", "ms_per_batch", "ratio_to_plain", "ms_p25", "ms_p75", "ms_min", "ms_max",
@@ -255,6 +264,8 @@ def test_quantile_matches_linear_interpolation() -> None:
 
 def test_row_names() -> None:
     assert row_names("all") == ["plain", *tta.methods(), "norm (reference)", "tent (reference)"]
+    single = [m for m in tta.methods() if not tta.registry.method_class(m).multi_pass]
+    assert row_names("default") == ["plain", *single, "norm (reference)", "tent (reference)"]
     assert row_names("tent,tent_ref_frozen,tent") == ["plain", "tent", "tent (reference, frozen)"]
     assert row_names(["plain"]) == ["plain"]
 

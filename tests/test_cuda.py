@@ -7,16 +7,17 @@ import torch
 
 import streams
 import tta
+from tests.method_cases import method_class, source_options
 from tests.tta_nets import conv_net
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
-def _options(method: str, model: torch.nn.Module, x: torch.Tensor, device: str) -> dict:
-    if method != "cafa":
-        return {}
-    y = torch.arange(len(x)) % 4
-    return {"source_stats": tta.source_stats(model.to(device), [(x.to(device), y.to(device))])}
+def _adapt(method: str, model: torch.nn.Module, device: str) -> tta.Adapted:
+    """The method on ``model`` (on ``device``), its source data computed on the CPU copy of the same weights."""
+    options = source_options(method, conv_net(), input_shape=(3, 12, 12))
+    chosen = {**method_class(method).select_all_options, **options}
+    return tta.adapt(model, method, **chosen)
 
 
 def _state(adapted: tta.Adapted) -> dict[str, torch.Tensor]:
@@ -32,7 +33,7 @@ def test_every_method_on_cuda_matches_the_cpu_and_resets_exactly(method):
     outputs = {}
     for device in ("cpu", "cuda"):
         model = conv_net().to(device)
-        adapted = tta.adapt(model, method, **_options(method, conv_net(), batches[0], device))
+        adapted = _adapt(method, model, device)
         before = _state(adapted)
         outputs[device] = [adapted(x.to(device)).detach().cpu() for x in batches]
         if device == "cuda":

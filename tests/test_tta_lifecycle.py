@@ -9,28 +9,22 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import tta
+from tests.method_cases import adapt_case, declared_parameters, method_class, methods_where
 from tests.tta_nets import assert_same_state, conv_net, full_state, no_norm_net
 
 
-def _stats():
-    g = torch.Generator().manual_seed(0)
-    return tta.source_stats(conv_net(), [(torch.randn(40, 3, 8, 8, generator=g), torch.arange(40) % 4)])
-
-
 def _adapt(method, model, **kw):
-    """Adapt with the given options, dropping those the method does not take."""
-    if method == "cafa":
-        kw.setdefault("source_stats", _stats())
-    names = {f.name for f in dataclasses.fields(tta.method_options(method))}
-    return tta.adapt(model, method, **{k: v for k, v in kw.items() if k in names})
+    """Adapt with the given options (those the method takes), its filters opened and its source data computed."""
+    return adapt_case(method, model, **kw)
 
 
-GRADIENT_METHODS = ["tent", "core", "cafa"]
-ALL_METHODS = ["source", "norm", "alpha_bn", "core", "cafa", "tent"]
+GRADIENT_METHODS = methods_where(lambda cls: cls.updates != "nothing")
+ALL_METHODS = tta.methods()
+BUILT_IN = ["source", "norm", "alpha_bn", "core", "cafa", "tent"]
 
 
-def test_registry_lists_all_methods_in_table_order():
-    assert tta.methods() == ALL_METHODS
+def test_registry_lists_the_built_in_methods_in_table_order():
+    assert tta.methods() == BUILT_IN
 
 
 @settings(max_examples=12, deadline=None)
@@ -46,7 +40,8 @@ def test_reset_restores_parameters_buffers_and_optimizer_bitwise(method, updates
     first = adapted(x)
     for _ in range(updates):
         adapted(torch.randn(8, 3, 8, 8, generator=g))
-    assert adapted.optimizer.state  # moments exist after updates
+    moved = any(not torch.equal(value, source_state[key]) for key, value in full_state(model).items())
+    assert moved or method_class(method).episodic_by_design
     adapted.reset()
     assert_same_state(full_state(model), source_state)
     assert adapted.optimizer.state_dict()["state"] == {}
@@ -56,18 +51,18 @@ def test_reset_restores_parameters_buffers_and_optimizer_bitwise(method, updates
 
 
 @pytest.mark.parametrize("method", GRADIENT_METHODS)
-def test_non_norm_parameters_never_change(method):
+def test_an_update_moves_only_the_declared_parameters(method):
     model = conv_net()
+    declared = declared_parameters(method, model)
     before = {n: p.clone() for n, p in model.named_parameters()}
     adapted = _adapt(method, model, lr=0.1)
     for _ in range(3):
         adapted(torch.randn(8, 3, 8, 8))
-    norm_params = {"1.weight", "1.bias", "4.weight", "4.bias"}
-    for name, p in model.named_parameters():
-        if name in norm_params:
-            assert not torch.equal(p, before[name]), f"{name} should have been adapted"
-        else:
-            assert torch.equal(p, before[name]), f"{name} changed"
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed, f"{method} changed no parameter"
+    assert changed <= declared, f"{method} changed {sorted(changed - declared)}, not declared ({adapted.updates})"
+    if adapted.updates == "norm affine":
+        assert changed == declared
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
@@ -154,19 +149,23 @@ def test_bad_batches_raise_before_anything_changes(method, batch, message):
         assert repr(adapted.optimizer.state_dict()) == optimizer_state
 
 
-@pytest.mark.parametrize("method", ["norm", "tent", "cafa"])
-def test_batch_of_one_is_refused_for_batch_statistic_methods(method):
-    adapted = _adapt(method, conv_net())
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_a_batch_of_one_is_refused_exactly_where_batch_statistics_are_always_used(method):
+    adapted = _adapt(method, conv_net(), alpha=0.5)
+    if method_class(method).batch_statistics == "always":
+        with pytest.raises(ValueError, match="batch of 1"):
+            adapted(torch.randn(1, 3, 8, 8))
+        assert adapted.batches_seen == 0
+    else:
+        out = adapted(torch.randn(1, 3, 8, 8))
+        assert out.shape == (1, 4) and torch.isfinite(out).all()
+
+
+def test_the_batch_of_one_error_points_to_alpha_bn():
     with pytest.raises(ValueError, match="batch of 1.*alpha_bn"):
-        adapted(torch.randn(1, 3, 8, 8))
+        tta.adapt(conv_net(), "tent")(torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match="batch of 1"):
         tta.adapt(conv_net(), "alpha_bn", alpha=0.0)(torch.randn(1, 3, 8, 8))
-
-
-@pytest.mark.parametrize("method", ["source", "alpha_bn", "core"])
-def test_batch_of_one_works_where_source_statistics_are_mixed_in(method):
-    out = _adapt(method, conv_net(), alpha=0.5)(torch.randn(1, 3, 8, 8))
-    assert out.shape == (1, 4) and torch.isfinite(out).all()
 
 
 def test_episodic_resets_before_every_batch():

@@ -2,32 +2,22 @@
 any sequence of calls and errors reset() restores the source state bitwise."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tta
+from tests.method_cases import adapt_case, methods_where
 from tests.tta_nets import assert_same_state, conv_net, full_state
 
-METHODS = ["source", "norm", "alpha_bn", "core", "cafa", "tent"]
+METHODS = tta.methods()
 DOCUMENTED = ("NaN or Inf", "empty", "dimensions", "floating-point", "cast with", "batch of 1")
-
-
-def _stats():
-    g = torch.Generator().manual_seed(0)
-    return tta.source_stats(conv_net(), [(torch.randn(40, 3, 8, 8, generator=g), torch.arange(40) % 4)])
-
-
-STATS = _stats()
+# Methods whose step minimises ``loss()`` and that declare they may leave a batch without an update.
+SKIPPING = methods_where(lambda cls: cls.may_skip_update and issubclass(cls, tta.GradientAdapter))
 
 
 def _adapt(method):
-    options = {"cafa": {"source_stats": STATS}}.get(method, {})
-    if "lr" in {f.name for f in dataclasses.fields(tta.method_options(method))}:
-        options["lr"] = 0.05
-    return tta.adapt(conv_net(), method, **options)
+    return adapt_case(method, conv_net(), lr=0.05)
 
 
 @st.composite
@@ -78,7 +68,7 @@ def test_any_batch_works_or_raises_a_documented_error_and_reset_restores(method,
     assert_same_state(full_state(adapted.model), source)
 
 
-@pytest.mark.parametrize("method", ["core", "cafa", "tent"])
+@pytest.mark.parametrize("method", SKIPPING)
 def test_a_step_with_a_non_finite_loss_is_skipped(method):
     adapted = _adapt(method)
     before = full_state(adapted.model)
