@@ -17,15 +17,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", default=None, help="a method: show its options, defaults and paper")
 
 
+def per_batch(cls: type) -> str:
+    """How a method runs on a batch, from its declarations: passes, episodes, inputs, features."""
+    parts = ["several passes" if cls.multi_pass else "one pass"]
+    if cls.episodic_by_design:
+        parts.append("episodic")
+    if cls.inputs != "any":
+        parts.append(f"{cls.inputs} only")
+    if cls.uses_classifier:
+        parts.append("reads classifier features")
+    return ", ".join(parts)
+
+
 def methods_table() -> str:
     """One row per registered method, from its class declarations."""
-    lines = ["| method | updates | batch statistics | layers | source data | what it does |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | updates | batch statistics | layers | source data | per batch | what it does |",
+             "|---|---|---|---|---|---|---|"]
     for name in tta.methods():
         cls = method_class(name)
         summary = (inspect.getdoc(cls) or "").split("\n")[0]
         lines.append(f"| {name} | {cls.updates} | {cls.batch_statistics} | {cls.layers} | "
-                     f"{cls.source_data or '-'} | {summary} |")
+                     f"{cls.source_data or '-'} | {per_batch(cls)} | {summary} |")
     return "\n".join(lines)
 
 
@@ -35,7 +47,7 @@ def method_page(name: str) -> str:
     module = sys.modules[cls.__module__]
     lines = [f"# {name}", "", inspect.getdoc(module) or inspect.getdoc(cls) or "", "",
              f"updates: {cls.updates}; batch statistics: {cls.batch_statistics}; layers: {cls.layers}; "
-             f"source data: {cls.source_data or 'none'}; episodic by design: {cls.episodic_by_design}", "",
+             f"source data: {cls.source_data or 'none'}; per batch: {per_batch(cls)}", "",
              "| option | type | default | meaning |", "|---|---|---|---|"]
     settable = {f.name for f, _ in cli_fields(name)}
     hints = typing.get_type_hints(cls.Options)

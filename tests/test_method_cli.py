@@ -80,6 +80,7 @@ def test_methods_table_reads_the_class_declarations():
     for name in tta.methods():
         cls = tta.registry.method_class(name)
         assert rows[name][1:5] == [cls.updates, cls.batch_statistics, cls.layers, cls.source_data or "-"]
+        assert rows[name][5].startswith("several passes" if cls.multi_pass else "one pass")
     assert rows["tent"][1] == "norm affine" and rows["norm"][1] == "nothing" and rows["source"][3] == "any"
     assert "tta.source_stats" in rows["cafa"][4]
 
