@@ -62,6 +62,10 @@ class BenchmarkConfig:
     delta: float = 0.1
     batch_size: int = 200
     n_images: int | None = None
+    # Per-method stream settings where a method's design needs other ones (e.g. memo: batch 1, fewer images);
+    # such a method runs on its own stream of the same data, protocol and seed.
+    method_batch_size: dict[str, int] = field(default_factory=dict)
+    method_n_images: dict[str, int] = field(default_factory=dict)
     seed: int = 0
     device: str = "cpu"
     domains: list[str] | None = None  # real domains (one ImageFolder each) instead of corruptions; [] = all
@@ -89,6 +93,12 @@ def _check_same_run(path: Path, config: BenchmarkConfig, resolved: dict[str, dic
     previous_options = saved.get("resolved_options", {})
     changed += [f"{method} options" for method, options in _jsonable(resolved).items()
                 if method in previous_options and _options_differ(method, previous_options[method], options)]
+    previous_methods = previous.get("methods", [])
+    for method in (m for m in config.methods if m in previous_methods):
+        then = (previous.get("method_batch_size", {}).get(method, previous.get("batch_size")),
+                previous.get("method_n_images", {}).get(method, previous.get("n_images")))
+        if then != stream_settings(config, method):
+            changed.append(f"{method}'s batch size or image count")
     if changed:
         raise ValueError(f"{path.parent} holds results of a different run ({', '.join(changed)} differ); "
                          "use another --out, or delete that folder to start again")
@@ -114,6 +124,20 @@ def _pre_corrupted_folder(path: Path) -> bool:
 
 def _imagenet_c_folder(path: Path) -> bool:
     return path.is_dir() and any((path / c / "5").is_dir() for c in streams.CORRUPTIONS)
+
+
+def stream_settings(config: BenchmarkConfig, method: str) -> tuple[int, int | None]:
+    """(batch size, images per domain) that ``method`` runs with: its own where given, else the run's."""
+    return (config.method_batch_size.get(method, config.batch_size),
+            config.method_n_images.get(method, config.n_images))
+
+
+def method_streams(config: BenchmarkConfig) -> dict[tuple[int, int | None], list[str]]:
+    """The run's methods grouped by their stream settings (the run's own first)."""
+    groups: dict[tuple[int, int | None], list[str]] = {(config.batch_size, config.n_images): []}
+    for method in config.methods:
+        groups.setdefault(stream_settings(config, method), []).append(method)
+    return {key: methods for key, methods in groups.items() if methods}
 
 
 def build_stream(config: BenchmarkConfig):
@@ -254,6 +278,9 @@ def run_benchmark(config: BenchmarkConfig, model: nn.Module | None = None, repor
     _check_same_run(out / "config.json", config, resolved)
     torch.manual_seed(config.seed)
     stream = build_stream(config)
+    group_streams = {key: stream if key == (config.batch_size, config.n_images) else
+                     build_stream(dataclasses.replace(config, batch_size=key[0], n_images=key[1]))
+                     for key in method_streams(config)}  # built (and checked) before anything is written
     make_model = model_factory(config, model)
     check_model_fits_data(make_model(), stream, config)
     from_source = {m: method_source_options(config, make_model, out, m, tta.method_options(m)(**config.method_options.get(m, {})))
@@ -269,28 +296,42 @@ def run_benchmark(config: BenchmarkConfig, model: nn.Module | None = None, repor
             if not isinstance(values[key], str):
                 values[key].save(path)
     log = ResultsLog(out / "results.jsonl")
-    context = {"protocol": config.protocol, "seed": config.seed, "model": config.model,
-               "batch_size": config.batch_size}
-    runs = []
-    for method in config.methods:
-        options = {**config.method_options.get(method, {}), **from_source.get(method, {})}
-        runs.append(MethodRun(label=method, options=resolved[method],
-                              make_adapter=lambda m=method, o=options: tta.adapt(make_model(), m, **o)))
-        if config.guard and method != "source":
-            guard = {"window": config.guard_window, "min_entropy": config.guard_min_entropy}
-            runs.append(MethodRun(
-                label=f"{method}+guard", options={**resolved[method], "guard": guard},
-                make_adapter=lambda m=method, o=options, g=guard: tta.CollapseGuard(tta.adapt(make_model(), m, **o),
-                                                                                    **g)))
-    run_methods(runs, stream, log, context=context, checkpoint_dir=out / "checkpoints", device=config.device,
-                progress=config.progress, prefetch=config.prefetch)
+    for (batch_size, n_images), methods in method_streams(config).items():
+        context = {"protocol": config.protocol, "seed": config.seed, "model": config.model,
+                   "batch_size": batch_size, "n_images": n_images}
+        runs = []
+        for method in methods:
+            options = {**config.method_options.get(method, {}), **from_source.get(method, {})}
+            runs.append(MethodRun(label=method, options=resolved[method],
+                                  make_adapter=lambda m=method, o=options: tta.adapt(make_model(), m, **o)))
+            if config.guard and method != "source":
+                guard = {"window": config.guard_window, "min_entropy": config.guard_min_entropy}
+                runs.append(MethodRun(
+                    label=f"{method}+guard", options={**resolved[method], "guard": guard},
+                    make_adapter=lambda m=method, o=options, g=guard: tta.CollapseGuard(
+                        tta.adapt(make_model(), m, **o), **g)))
+        run_methods(runs, group_streams[batch_size, n_images], log, context=context, checkpoint_dir=out / "checkpoints",
+                    device=config.device, progress=config.progress, prefetch=config.prefetch)
     if not report:
         return {}
     records = log.read()
     tables = write_report(records, out, title=f"{config.model} on {Path(config.data).name}")
+    _note_method_streams(config, out)
     if config.baseline:
         _write_mce(records, config, out)
     return tables
+
+
+def _note_method_streams(config: BenchmarkConfig, out: Path) -> None:
+    """Say in results.md which methods ran with their own batch size or image count."""
+    own = [m for m in config.methods if stream_settings(config, m) != (config.batch_size, config.n_images)]
+    if not own:
+        return
+    lines = ["", f"Batch {config.batch_size}, {config.n_images or 'all'} images per domain, except:"]
+    lines += [f"- {m}: batch {stream_settings(config, m)[0]}, {stream_settings(config, m)[1] or 'all'} images per "
+              "domain" for m in own]
+    with open(out / "results.md", "a") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def _errors_by_corruption(records: list[dict[str, Any]], method: str, protocol: str) -> dict[str, dict[int, float]]:

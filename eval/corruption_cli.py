@@ -90,7 +90,30 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corrupt-device", default=None,
                         help="where batches are made and corrupted (default: --device; e.g. cpu to keep the "
                              "corruption generator off the GPU)")
+    parser.add_argument("--method-batch-size", action="append", default=[], metavar="METHOD=N",
+                        help="a method's own batch size (repeatable), e.g. memo=1 for a method adapting on single "
+                             "images; it runs on its own stream of the same data, protocol and seed")
+    parser.add_argument("--method-n-images", action="append", default=[], metavar="METHOD=N",
+                        help="a method's own number of images per corruption or domain (repeatable), e.g. memo=1000; "
+                             "results.md says which methods ran with their own settings")
     add_method_options(parser)
+
+
+def per_method_counts(settings: list[str], flag: str, methods: list[str]) -> dict[str, int]:
+    """``METHOD=N`` settings of a per-method flag; a method outside the run or a count below 1 is refused."""
+    counts: dict[str, int] = {}
+    for text in settings:
+        method, _, value = text.partition("=")
+        if method not in methods:
+            raise ValueError(f"{flag} {text}: method {method!r} is not in this run's methods ({', '.join(methods)}); "
+                             f"write {flag} METHOD=N")
+        try:
+            counts[method] = int(value)
+        except ValueError:
+            raise ValueError(f"{flag} {text}: give a whole number, e.g. {flag} {method}=1") from None
+        if counts[method] < 1:
+            raise ValueError(f"{flag} {text}: the number must be at least 1")
+    return counts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,6 +140,8 @@ def config_from_args(args: argparse.Namespace, **overrides) -> BenchmarkConfig:
         method_options={m: method_options_from_args(args, m) for m in methods if m in tta.methods()},
         corruptions=getattr(args, "corruptions", "all"), severity=getattr(args, "severity", 5),
         protocol=args.protocol, delta=args.delta, batch_size=args.batch_size, n_images=args.n_images, seed=args.seed,
+        method_batch_size=per_method_counts(getattr(args, "method_batch_size", []), "--method-batch-size", methods),
+        method_n_images=per_method_counts(getattr(args, "method_n_images", []), "--method-n-images", methods),
         device=args.device, source_split=args.source_split, source_images=args.source_images,
         baseline=getattr(args, "baseline", None), progress=not args.no_progress, prefetch=args.prefetch,
         guard=args.collapse_guard, guard_window=args.guard_window, guard_min_entropy=args.guard_min_entropy,

@@ -5,6 +5,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 import tta
 from eval.cli import main
@@ -79,6 +80,36 @@ def test_tta_corruption_runs_resumes_and_refuses_a_different_run_in_the_same_fol
     saved["resolved_options"]["tent"]["lean_graph"] = "auto"
     (out / "config.json").write_text(json.dumps(saved))
     assert main(argv) == 0
+
+
+def test_a_method_with_its_own_batch_size_and_image_count(tmp_path, capsys, monkeypatch):
+    import eval.corruption_benchmark as bench
+    from eval.demo import digits_cnn
+
+    torch.manual_seed(0)
+    model = digits_cnn()
+    monkeypatch.setattr(bench, "model_factory", lambda config, m=None: bench._fresh_copy(model, config))
+    out = tmp_path / "run"
+    argv = ["corruption", "--data", "digits", "--methods", "source,norm", "--corruptions", "contrast", "--severity",
+            "3", "--batch-size", "32", "--n-images", "96", "--method-batch-size", "source=8", "--method-n-images",
+            "source=40", "--out", str(out), "--no-progress", "--random-weights"]
+    assert main(argv) == 0
+    records = {r["method"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert (records["source"]["n"], records["source"]["batch_size"]) == (40, 8)
+    assert (records["norm"]["n"], records["norm"]["batch_size"]) == (96, 32)
+    # source's rows equal a run with those settings for every method: its own stream of the same data and seed
+    alone = tmp_path / "alone"
+    assert main(["corruption", "--data", "digits", "--methods", "source", "--corruptions", "contrast", "--severity",
+                 "3", "--batch-size", "8", "--n-images", "40", "--out", str(alone), "--no-progress",
+                 "--random-weights"]) == 0
+    assert json.loads((alone / "results.jsonl").read_text().splitlines()[0])["error"] == records["source"]["error"]
+    assert "- source: batch 8, 40 images per domain" in (out / "results.md").read_text()
+    capsys.readouterr()
+    changed = [*argv[:argv.index("source=8")], "source=16", *argv[argv.index("source=8") + 1:]]
+    assert main(changed) == 2
+    assert "source's batch size or image count" in capsys.readouterr().err
+    assert main([*argv, "--method-batch-size", "tent=1"]) == 2
+    assert "'tent' is not in this run's methods" in capsys.readouterr().err
 
 
 def test_bad_method_and_missing_data_are_clear_one_line_errors(tmp_path, capsys, monkeypatch):
