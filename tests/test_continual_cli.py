@@ -87,3 +87,19 @@ def test_nmc_on_a_pretrained_backbone(tmp_path, resnet20_weights):
     summary = json.loads((out / "summary.json").read_text())
     assert 0.0 < summary["metrics"]["final_average_accuracy"]["mean"] <= 1.0
     assert all("weight_norms" not in r for r in read_records(out / "results.jsonl"))
+
+
+def test_split_digits_defaults_learn_every_task_with_layer_norm_and_nap(tmp_path):
+    """The default network for layer/nap/none on split-digits learns each new task (it used to be the CNN, which
+    learned none of them without batch centring: 50 % on every 2-class task)."""
+    from continual.config import default_model
+
+    assert default_model("split-digits", "layer") == default_model("split-digits", "nap") == "mlp"
+    assert default_model("split-digits", "bn") == "cnn" and default_model("split-cifar10", "layer") == "resnet18-reduced"
+    out = tmp_path / "nap"
+    assert main(["continual", "--out", str(out), "--method", "sgd", "--norm", "nap", "--no-progress", "--threads",
+                 "1"]) == 0
+    assert json.loads((out / "config.json").read_text())["config"]["model"] == "mlp"
+    records = sorted(read_records(out / "results.jsonl"), key=lambda r: r["experience"])
+    just_learned = [r["accuracies"][r["experience"]] for r in records]
+    assert len(just_learned) == 5 and min(just_learned) > 0.8, just_learned
