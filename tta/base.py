@@ -168,7 +168,11 @@ class BatchNormAdapter(Adapted):
                 f"{describe_norm_layers(self.model)}; no BatchNorm1d/2d/3d or SyncBatchNorm); use a method that "
                 "trains LayerNorm/GroupNorm affine parameters (`tta methods` lists their layers), or a model with "
                 "BatchNorm")
-        self._swaps = swap_batchnorms(self.model, self.alpha)
+        self._swaps = swap_batchnorms(self.model, self.alpha, self._batchnorm_replacement)
+
+    def _batchnorm_replacement(self, bn: nn.Module) -> MixedBatchNorm:
+        """The layer that stands in for one BatchNorm (a subclass may return a MixedBatchNorm subclass)."""
+        return MixedBatchNorm(bn, self.alpha)
 
     @property
     def norm_layers(self) -> list[MixedBatchNorm]:

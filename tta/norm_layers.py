@@ -7,6 +7,7 @@ layer's parameters and buffers (the very same tensors, registered under the same
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -142,12 +143,14 @@ def _parent_and_attr(model: nn.Module, qualified_name: str) -> tuple[nn.Module, 
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
-def swap_batchnorms(model: nn.Module, alpha: float) -> list[LayerSwap]:
-    """Replace every BatchNorm of the model with a :class:`MixedBatchNorm` sharing its tensors."""
+def swap_batchnorms(model: nn.Module, alpha: float,
+                    make: Callable[[_BatchNorm], MixedBatchNorm] | None = None) -> list[LayerSwap]:
+    """Replace every BatchNorm of the model with a :class:`MixedBatchNorm` sharing its tensors (or with what
+    ``make(bn)`` builds: a subclass, e.g. bn_ema's layer that also updates the running statistics)."""
     swaps = []
     for name, bn in find_batchnorms(model):
         parent, attr = _parent_and_attr(model, name)
-        replacement = MixedBatchNorm(bn, alpha)
+        replacement = MixedBatchNorm(bn, alpha) if make is None else make(bn)
         setattr(parent, attr, replacement)
         swaps.append(LayerSwap(parent, attr, bn, replacement))
     return swaps
