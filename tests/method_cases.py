@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import tta
+from tta.base import PARAMETER_FREE
 from tta.norm_layers import PER_SAMPLE_NORMS
 
 BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
@@ -60,11 +61,16 @@ def classifier_parameters(model: nn.Module) -> set[str]:
     return {f"{linears[-1]}.{p}" for p, _ in model.get_submodule(linears[-1]).named_parameters()} if linears else set()
 
 
+def trains(name: str) -> bool:
+    """Whether the method takes gradient steps on some parameters."""
+    return method_class(name).updates not in PARAMETER_FREE
+
+
 def declared_parameters(name: str, model: nn.Module) -> set[str]:
     """Names of the model parameters the method's ``updates`` declaration allows an update to change."""
     updates = method_class(name).updates
     everything = {n for n, _ in model.named_parameters()}
-    if updates == "nothing":
+    if updates in PARAMETER_FREE:
         return set()
     if updates == "norm affine":
         norms = BATCH_NORMS + PER_SAMPLE_NORMS

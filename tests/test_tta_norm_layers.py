@@ -7,14 +7,14 @@ import torch
 
 import tta
 from tta.base import NORM_LAYERS
+from tests.method_cases import adapt_case, declared_parameters, trains
 from tests.tta_nets import assert_same_state, full_state, gn_resnet, tiny_vit
 
 pytest.importorskip("timm", reason="timm (a test dependency: pip install -e '.[test]') builds the ViT")
 
 MODELS = {"vit": tiny_vit, "gn_resnet": gn_resnet}
 NEEDS_BATCHNORM = [m for m in tta.methods() if tta.registry.method_class(m).layers == "BatchNorm"]
-NORM_AFFINE = [m for m in tta.methods() if tta.registry.method_class(m).layers == NORM_LAYERS
-               and tta.registry.method_class(m).source_data is None]
+NORM_AFFINE = [m for m in tta.methods() if tta.registry.method_class(m).layers == NORM_LAYERS]
 
 
 def batches(n: int = 3, size: int = 6) -> list[torch.Tensor]:
@@ -43,18 +43,15 @@ def test_a_batchnorm_method_refuses_and_names_the_layers_it_found(method, model_
 def test_a_norm_affine_method_adapts_the_norm_layers_and_resets_exactly(method, model_name):
     model = MODELS[model_name]()
     before = full_state(model)
-    cls = tta.registry.method_class(method)
-    adapted = tta.adapt(model, method)
-    norm_params = {id(p) for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))
-                   for p in m.parameters(recurse=False)}
+    declared = declared_parameters(method, model)
+    adapted = adapt_case(method, model, input_shape=(3, 32, 32))
     for x in batches():
         assert adapted(x).shape == (x.shape[0], 4)
     after = full_state(model)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    names = {id(p): k for k, p in model.named_parameters()}
-    if cls.updates == "norm affine":
+    if trains(method):
         assert changed, f"{method} changed nothing"
-        assert changed <= {names[i] for i in norm_params}, f"{method} changed {changed - set(names.values())}"
+        assert changed <= declared, f"{method} changed {sorted(changed - declared)}, not declared"
     adapted.reset()
     assert_same_state(before, full_state(model))
     assert adapted.release() is model

@@ -38,7 +38,9 @@ class Adapted(nn.Module):
     name: ClassVar[str] = "adapted"
     Options: ClassVar[type] = MethodOptions
     # What the method is, read by the CLI, `tta methods`, the benchmarks and the tests (never a list of names).
-    updates: ClassVar[str] = "nothing"  # parameters it changes: "nothing", "norm affine" or "all"
+    # Parameters it changes: "nothing", "norm statistics" (BatchNorm running statistics, no parameter), "norm
+    # affine", "all" or "all but the classifier".
+    updates: ClassVar[str] = "nothing"
     batch_statistics: ClassVar[str] = "never"  # normalises with batch statistics: "never", "always", "alpha < 1"
     source_data: ClassVar[str | None] = None  # what it needs from the source domain, if anything
     # The layers it needs: "any" (none), "BatchNorm", or NORM_LAYERS (BatchNorm, LayerNorm, GroupNorm or RMSNorm).
@@ -143,6 +145,7 @@ class Adapted(nn.Module):
 
 
 NORM_LAYERS = "BatchNorm, LayerNorm, GroupNorm"
+PARAMETER_FREE = ("nothing", "norm statistics")  # ``updates`` values of methods that take no gradient step
 
 
 class BatchNormAdapter(Adapted):
