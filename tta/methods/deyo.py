@@ -189,17 +189,16 @@ class Deyo(GradientAdapter):
         self.optimizer.zero_grad(set_to_none=True)
         return logits
 
-    def _step(self, x: torch.Tensor) -> torch.Tensor:
-        """One DeYO step; returns the logits of its first forward (before the update)."""
+    def loss(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The DeYO objective on the samples both selections keep: the mean of alpha * Ent, alpha a constant.
+        ``last_selected`` says how many were kept (0: the returned loss is a graph-free zero)."""
         o = self.options
-        with self._graph_mode(x):
-            logits = self.model(x)
-            entropy = softmax_entropy(logits)
+        entropy = softmax_entropy(logits)
         log_classes = math.log(logits.shape[1])
         keep = entropy < o.margin * log_classes  # selection by entropy, tau_Ent
+        self.last_selected = 0
         if not bool(keep.any()):
-            self.filtered_steps += 1
-            return logits.detach()
+            return logits.new_zeros(())
         with torch.no_grad():
             destroyed = self.destroy(x[keep].detach())
             probs = logits[keep].detach().softmax(1)
@@ -208,8 +207,8 @@ class Deyo(GradientAdapter):
             plpd = (probs.gather(1, pseudo) - self.model(destroyed).softmax(1).gather(1, pseudo)).squeeze(1)
         reliable = plpd > o.plpd_threshold  # selection by PLPD, tau_PLPD
         if not bool(reliable.any()):
-            self.filtered_steps += 1
-            return logits.detach()
+            return logits.new_zeros(())
+        self.last_selected = int(reliable.sum())
         entropy, plpd = entropy[keep][reliable], plpd[reliable]
         if o.reweight_ent or o.reweight_plpd:  # alpha = 1/exp(Ent - Ent0) + 1/exp(-PLPD), a constant
             weight = torch.zeros_like(plpd)
@@ -218,7 +217,16 @@ class Deyo(GradientAdapter):
             if o.reweight_plpd:
                 weight = weight + 1.0 / torch.exp(-plpd)
             entropy = entropy * weight
-        loss = entropy.mean()
+        return entropy.mean()
+
+    def _step(self, x: torch.Tensor) -> torch.Tensor:
+        """One DeYO step; returns the logits of its first forward (before the update)."""
+        with self._graph_mode(x):
+            logits = self.model(x)
+            loss = self.loss(x, logits)
+        if self.last_selected == 0:
+            self.filtered_steps += 1
+            return logits.detach()
         if not bool(torch.isfinite(loss)):
             self.skipped_steps += 1
             return logits.detach()

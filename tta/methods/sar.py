@@ -113,6 +113,11 @@ class Sar(GradientAdapter):
         """E0 = margin_e0 * ln(C)."""
         return self.options.margin_e0 * math.log(num_classes)
 
+    def loss(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The first-stage objective: the mean entropy of the reliable samples (Eqn. 2-3)."""
+        entropy = softmax_entropy(logits)
+        return entropy[entropy < self.margin(logits.shape[1])].mean()
+
     def _predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_inference_mode_enabled():
             raise RuntimeError(f"{self.name} takes gradient steps and cannot run inside torch.inference_mode(); "
@@ -134,7 +139,7 @@ class Sar(GradientAdapter):
         if not bool(reliable.any()):
             self.filtered_steps += 1
             return logits.detach()
-        loss = entropy[reliable].mean()
+        loss = self.loss(x, logits)
         if not bool(torch.isfinite(loss)):
             self.skipped_steps += 1
             return logits.detach()
