@@ -87,7 +87,9 @@ def reference_cfg(options: dict, fisher_alpha: float, num_samples: int) -> Simpl
 
 
 def run_reference(eata_module, model: torch.nn.Module, options: dict, batches: list[torch.Tensor],
-                  fisher_alpha: float = 0.0, num_samples: int = 0) -> dict:
+                  fisher_alpha: float = 0.0, num_samples: int = 0, keep: bool = False) -> dict:
+    """Logits per batch, cumulative (reliable, selected) counts, the trained parameters after the last batch (and
+    the reference adapter itself under ``method`` when ``keep``)."""
     model.model_preprocess = None
     method = eata_module.EATA(reference_cfg(options, fisher_alpha, num_samples), model, NUM_CLASSES)
     logits, counts = [], []
@@ -95,7 +97,7 @@ def run_reference(eata_module, model: torch.nn.Module, options: dict, batches: l
         logits.append(method(x).detach().tolist())
         counts.append([method.num_samples_update_1, method.num_samples_update_2])
     params = {name: p.detach().tolist() for name, p in model.named_parameters() if p.requires_grad}  # trained
-    return {"logits": logits, "counts": counts, "params": params}
+    return {"logits": logits, "counts": counts, "params": params, **({"method": method} if keep else {})}
 
 
 def main() -> None:
