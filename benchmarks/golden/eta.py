@@ -76,7 +76,8 @@ def import_reference(checkout: str | Path, source_batches: list | None = None) -
 def reference_cfg(options: dict, fisher_alpha: float, num_samples: int) -> SimpleNamespace:
     ns = SimpleNamespace
     return ns(
-        MODEL=ns(EPISODIC=False, RESET_AFTER_NUM_UPDATES=0, ADAPTATION="eata", CKPT_PATH=""),
+        MODEL=ns(EPISODIC=False, RESET_AFTER_NUM_UPDATES=options.get("reset_every", 0), ADAPTATION="eata",
+                 CKPT_PATH=""),
         CORRUPTION=ns(DATASET="cifar10_c"),
         OPTIM=ns(METHOD={"adam": "Adam", "sgd": "SGD"}[options.get("optimizer", "adam")], STEPS=options.get("steps", 1),
                  LR=options["lr"], BETA=0.9, MOMENTUM=0.9, DAMPENING=0.0, NESTEROV=True, WD=0.0),
