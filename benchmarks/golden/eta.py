@@ -76,7 +76,8 @@ def import_reference(checkout: str | Path, source_batches: list | None = None) -
 def reference_cfg(options: dict, fisher_alpha: float, num_samples: int) -> SimpleNamespace:
     ns = SimpleNamespace
     return ns(
-        MODEL=ns(EPISODIC=False, RESET_AFTER_NUM_UPDATES=0, ADAPTATION="eata", CKPT_PATH=""),
+        MODEL=ns(EPISODIC=False, RESET_AFTER_NUM_UPDATES=options.get("reset_every", 0), ADAPTATION="eata",
+                 CKPT_PATH=""),
         CORRUPTION=ns(DATASET="cifar10_c"),
         OPTIM=ns(METHOD={"adam": "Adam", "sgd": "SGD"}[options.get("optimizer", "adam")], STEPS=options.get("steps", 1),
                  LR=options["lr"], BETA=0.9, MOMENTUM=0.9, DAMPENING=0.0, NESTEROV=True, WD=0.0),
@@ -87,7 +88,9 @@ def reference_cfg(options: dict, fisher_alpha: float, num_samples: int) -> Simpl
 
 
 def run_reference(eata_module, model: torch.nn.Module, options: dict, batches: list[torch.Tensor],
-                  fisher_alpha: float = 0.0, num_samples: int = 0) -> dict:
+                  fisher_alpha: float = 0.0, num_samples: int = 0, keep: bool = False) -> dict:
+    """Logits per batch, cumulative (reliable, selected) counts, the trained parameters after the last batch (and
+    the reference adapter itself under ``method`` when ``keep``)."""
     model.model_preprocess = None
     method = eata_module.EATA(reference_cfg(options, fisher_alpha, num_samples), model, NUM_CLASSES)
     logits, counts = [], []
@@ -95,7 +98,7 @@ def run_reference(eata_module, model: torch.nn.Module, options: dict, batches: l
         logits.append(method(x).detach().tolist())
         counts.append([method.num_samples_update_1, method.num_samples_update_2])
     params = {name: p.detach().tolist() for name, p in model.named_parameters() if p.requires_grad}  # trained
-    return {"logits": logits, "counts": counts, "params": params}
+    return {"logits": logits, "counts": counts, "params": params, **({"method": method} if keep else {})}
 
 
 def main() -> None:
