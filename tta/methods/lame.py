@@ -4,11 +4,12 @@ changes); each batch's predictions are replaced by assignments z_i that stay clo
 and agree with the assignments of the sample's neighbours in feature space.
 
 With p_i = softmax(model(x_i)), features f_i = the classifier's input (L2-normalised) and an affinity w_ij between
-them, LAME minimises over the simplex (the paper's objective, Sec. 3)
+them, LAME minimises over the simplex the paper's objective (its equation numbers were not checked here, the
+paper text being out of reach, so the formulas are written out)
 
     L(z) = sum_i KL(z_i || p_i) - sum_ij w_ij z_i^T z_j,
 
-by its concave-convex procedure, a fixed-point iteration (the paper's update, Sec. 3.2), from z^0 = p:
+by its concave-convex procedure (CCCP), a fixed-point iteration from z^0 = p:
 
     z_i^(n+1) = softmax( log p_i + sum_j w_ij z_j^(n) )                        (CCCP step)
 
