@@ -23,6 +23,7 @@ from tta.norm_layers import (MixedBatchNorm, describe_norm_layers, find_batchnor
 from tta.optim import make_optimizer
 from tta.options import GradientOptions, MethodOptions
 from tta.snapshot import Snapshot
+from tta.source_stats import FeatureTap
 from tta.validation import check_batch, expected_input_ndim, model_dtype
 
 
@@ -60,9 +61,9 @@ class Adapted(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"adapt() needs a torch.nn.Module, got {type(model).__name__}")
-        if any(isinstance(m, MixedBatchNorm) for m in model.modules()):
-            raise ValueError("this model is already adapted (it holds MixedBatchNorm layers); call release() on the "
-                             "first adapter before adapting it again")
+        if any(isinstance(m, (MixedBatchNorm, FeatureTap)) for m in model.modules()):
+            raise ValueError("this model is already adapted (it holds MixedBatchNorm or FeatureTap layers); call "
+                             "release() on the first adapter before adapting it again")
         self.model = model
         self.options = options
         self.batches_seen = 0
