@@ -91,11 +91,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where batches are made and corrupted (default: --device; e.g. cpu to keep the "
                              "corruption generator off the GPU)")
     parser.add_argument("--method-batch-size", action="append", default=[], metavar="METHOD=N",
-                        help="a method's own batch size (repeatable), e.g. memo=1 for a method adapting on single "
-                             "images; it runs on its own stream of the same data, protocol and seed")
+                        help="a method's own batch size, e.g. memo=1 (repeatable; same data, protocol and seed)")
     parser.add_argument("--method-n-images", action="append", default=[], metavar="METHOD=N",
-                        help="a method's own number of images per corruption or domain (repeatable), e.g. memo=1000; "
-                             "results.md says which methods ran with their own settings")
+                        help="a method's own images per corruption or domain, e.g. memo=1000 (repeatable)")
     add_method_options(parser)
 
 

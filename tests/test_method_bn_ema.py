@@ -226,3 +226,15 @@ def test_state_dict_round_trip_continues_identically():
 def test_options_are_checked():
     with pytest.raises(ValueError, match="momentum"):
         tta.adapt(conv_net(), "bn_ema", momentum=1.5)
+
+
+def test_a_batch_whose_statistics_overflow_is_not_folded_in():
+    model = conv_net()
+    adapted = tta.adapt(model, "bn_ema")
+    adapted(torch.rand(8, 3, 8, 8))
+    before = full_state(model)
+    adapted(torch.rand(8, 3, 8, 8) * 1e30)  # finite inputs whose variance overflows float32
+    assert adapted.skipped_steps == 1
+    assert_same_state(full_state(model), before)
+    adapted(torch.rand(8, 3, 8, 8))
+    assert adapted.skipped_steps == 1 and not torch.equal(model[1].running_mean, before["1.running_mean"])

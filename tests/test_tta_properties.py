@@ -75,6 +75,7 @@ def test_a_step_with_a_non_finite_loss_is_skipped(method):
     loss = adapted.loss
     adapted.loss = lambda x, logits: loss(x, logits) * float("nan")  # e.g. a batch that overflows the network
     logits = adapted(torch.rand(8, 3, 8, 8))
-    assert logits.shape == (8, 4) and adapted.skipped_steps == 1
+    assert logits.shape == (8, 4)
+    assert adapted.skipped_steps in (1, 8)  # one step per batch, or one per image (memo)
     assert_same_state(full_state(adapted.model), before)
     assert adapted.optimizer.state_dict()["state"] == {}

@@ -97,6 +97,13 @@ class Adapted(nn.Module):
     def needs_batch_statistics(self) -> bool:
         return False
 
+    def _check_method_input(self, x: torch.Tensor) -> None:
+        """What this method needs of a batch beyond the generic checks; raises before anything changes (and
+        before an episodic reset). Methods declaring ``inputs = "images"`` need (N, C, H, W) batches."""
+        if self.inputs == "images" and x.dim() != 4:
+            raise ValueError(f"{self.name} augments images and needs (N, C, H, W) image batches, got shape "
+                             f"{tuple(x.shape)}; use a method without augmentations for other inputs")
+
     def _predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.model(x)
@@ -109,6 +116,7 @@ class Adapted(nn.Module):
         if self.options.check_inputs:
             check_batch(x, method=self.name, ndim=self._input_ndim, dtype=self._dtype,
                         needs_batch_statistics=self.needs_batch_statistics)
+        self._check_method_input(x)
         if self.options.episodic:
             self.reset()
         logits = self._predict_and_adapt(x)

@@ -123,6 +123,7 @@ class BnEma(BatchNormAdapter):
     Options = BnEmaOptions
     updates: ClassVar[str] = "norm statistics"
     batch_statistics: ClassVar[str] = "EMA of batches"
+    may_skip_update: ClassVar[bool] = True  # a batch whose statistics overflow (inf/NaN) is not folded in
 
     def _batchnorm_replacement(self, bn: nn.Module) -> MixedBatchNorm:
         return EmaBatchNorm(bn, self.options.momentum)
@@ -137,6 +138,16 @@ class BnEma(BatchNormAdapter):
         # has no running statistics and so normalises with the batch alone.
         return any(layer.running_mean is None for layer in self.norm_layers)
 
+    def _commit(self, layers: list[EmaBatchNorm]) -> None:
+        """Fold every layer's pending statistics in, unless some are not finite (e.g. inputs so large that the
+        variance overflows): then none are, and ``skipped_steps`` counts the batch."""
+        pending = [t for layer in layers if layer.pending is not None for t in layer.pending]
+        if pending and not bool(torch.stack([torch.isfinite(t).all() for t in pending]).all()):
+            self.skipped_steps += 1
+            return
+        for layer in layers:
+            layer.commit()
+
     def _set_mode(self, mode: str) -> None:
         for layer in self.norm_layers:
             layer.mode = mode
@@ -147,8 +158,7 @@ class BnEma(BatchNormAdapter):
             with torch.no_grad():
                 if not self.options.two_pass:
                     logits = self.model(x)
-                    for layer in layers:
-                        layer.commit()
+                    self._commit(layers)
                     return logits
                 try:
                     self._set_mode("batch")
@@ -157,8 +167,7 @@ class BnEma(BatchNormAdapter):
                     logits = self.model(x)
                 finally:
                     self._set_mode("updated")
-                for layer in layers:
-                    layer.commit()
+                self._commit(layers)
                 return logits
         finally:
             for layer in layers:

@@ -150,7 +150,7 @@ class Deyo(GradientAdapter):
         return [p for layer in self.affine_layers if not is_top_layer(names[id(layer)])
                 for p in (layer.weight, getattr(layer, "bias", None)) if p is not None]
 
-    def _check_images(self, x: torch.Tensor) -> None:
+    def _check_method_input(self, x: torch.Tensor) -> None:
         o = self.options
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -165,10 +165,6 @@ class Deyo(GradientAdapter):
             raise ValueError(f"deyo: the occlusion square ({o.occlusion_size} pixels at row {o.row_start}, column "
                              f"{o.column_start}) does not fit in {height} x {width} images; set occlusion_size, "
                              "row_start and column_start for this image size (the defaults are for 224 pixels)")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_images(x)  # before anything changes (and before an episodic reset)
-        return super().forward(x)
 
     def destroy(self, x: torch.Tensor) -> torch.Tensor:
         """The object-destructive transformation x -> x' of ``aug_type``."""
