@@ -31,10 +31,11 @@ running statistics. Deliberate differences:
   (the reference falls back to a sliding window of past samples). All updates are committed only after the whole
   forward succeeded, so any error leaves the statistics as they were.
 
-With ``tta.accel`` on (CPU), the batch statistics come from its one-pass kernel (the same values to rounding) instead of
-PyTorch's Welford pass, which costs about a third of a ResNet-20 forward. ``num_batches_tracked`` counts the
-updates, as PyTorch's training mode does. ``reset()`` restores the running
-statistics and counters bitwise; the affine parameters are never touched.
+With ``tta.accel`` on (CPU), the batch statistics come from its one-pass kernel (the same values to rounding)
+instead of PyTorch's Welford pass, which costs about a third of a ResNet-20 forward. ``num_batches_tracked`` counts
+the updates, as PyTorch's training mode does. ``reset()`` restores the running statistics and counters bitwise; the
+affine parameters are never touched. Golden outputs: ``two_pass=True`` on a two-BatchNorm net, and the default on
+one-BatchNorm nets, equal the reference's bitwise (``benchmarks/golden/bn_ema.py``).
 """
 from __future__ import annotations
 
