@@ -238,3 +238,21 @@ def test_a_batch_whose_statistics_overflow_is_not_folded_in():
     assert_same_state(full_state(model), before)
     adapted(torch.rand(8, 3, 8, 8))
     assert adapted.skipped_steps == 1 and not torch.equal(model[1].running_mean, before["1.running_mean"])
+
+
+def test_the_cpu_fast_path_gives_the_plain_path_s_values_to_rounding():
+    batches = [x.float() for x in _batches(3)]
+    runs = {}
+    for fast in (False, True):
+        if fast:
+            tta.accel.enable(kernels=True, batch_norm=True, lean_graph=False, tensor_cache=False, malloc=False)
+        try:
+            model = conv_net()
+            adapted = tta.adapt(model, "bn_ema")
+            runs[fast] = ([adapted(x) for x in batches], full_state(model))
+        finally:
+            tta.accel.disable()
+    for plain, fast in zip(runs[False][0], runs[True][0]):
+        torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    for key, value in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][key], value, atol=1e-6, rtol=1e-5)

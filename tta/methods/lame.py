@@ -109,7 +109,7 @@ class LameOptions(MethodOptions):
     force_symmetry: bool = option(False, "use (W + W^T) / 2 as the affinity")
     max_steps: int = option(100, "most fixed-point iterations per batch")
     tolerance: float = option(1e-8, "stop when the energy changes by at most this fraction of itself")
-    feature_layer: str | None = option(None, "the module whose input is the feature (default: the last nn.Linear)")
+    feature_layer: str = option("", "the module whose input is the feature (empty: the last nn.Linear)")
 
     def __post_init__(self) -> None:
         if self.affinity not in ("rbf", "knn", "linear"):
@@ -131,7 +131,7 @@ class Lame(Adapted):
     uses_classifier: ClassVar[bool] = True
 
     def _setup(self) -> None:
-        name, _ = classifier_layer(self.model, self.options.feature_layer)
+        name, _ = classifier_layer(self.model, self.options.feature_layer or None)
         # a plain attribute, not a submodule of the adapter: the tap already sits inside self.model
         object.__setattr__(self, "_recorder", FeatureTap.install(self.model, name))
         self.last_steps = 0

@@ -79,8 +79,7 @@ class T3AOptions(MethodOptions):
 
     filter_k: int = option(100, "supports kept per class, those of lowest entropy (-1: all; TTAB: 100; official "
                                 "T3A: chosen in 1, 5, 20, 50, 100, all)")
-    feature_layer: str | None = option(None, "the linear classifier whose input is the feature (default: the last "
-                                             "nn.Linear)")
+    feature_layer: str = option("", "the linear classifier whose input is the feature (empty: the last nn.Linear)")
 
     def __post_init__(self) -> None:
         if self.filter_k == 0 or self.filter_k < -1:
@@ -95,7 +94,7 @@ class T3A(Adapted):
     uses_classifier: ClassVar[bool] = True
 
     def _setup(self) -> None:
-        name, head = classifier_layer(self.model, self.options.feature_layer)
+        name, head = classifier_layer(self.model, self.options.feature_layer or None)
         if not isinstance(head, nn.Linear):
             raise ValueError(f"t3a replaces a linear classifier (its weight rows start the supports), but "
                              f"{name!r} is a {type(head).__name__}; name the nn.Linear head with feature_layer=")
