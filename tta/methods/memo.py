@@ -22,7 +22,8 @@ gradient (:class:`PriorBatchNorm`). The model stays in eval mode.
 A batch of several images is adapted image by image, each from the source model, which is what MD computes with its
 configured batch size of 1 (MD given a larger batch would pool the views of all its images into one marginal). The
 model is left adapted to the last image of the batch; ``reset()`` restores the source, the optimizer and the
-augmentation's random stream (``seed``).
+augmentation's random stream (``seed``; so ``episodic=True``, redundant here, also restarts that stream at every
+batch).
 
 Deliberate differences from MD: the augmentations are our PyTorch re-implementation on float tensors with their own
 random stream (MD: PIL operations on uint8 images, numpy's global generator), and images that are not 32 x 32 are

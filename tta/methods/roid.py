@@ -34,9 +34,9 @@ Deliberate differences from MD:
   a smaller last batch).
 * Min-max normalisation over a batch whose values are all equal (a batch of 1 on a model without BatchNorm) gives
   zeros (every sample kept with weight 1) instead of MD's 0/0 = NaN.
-* The augmentation is our PyTorch re-implementation with its own random stream (``seed``, restored by reset()),
-  not torchvision's transforms on the global generator; weighting off keeps every sample with weight 1 (MD's code
-  then fails when the consistency loss is on).
+* The augmentation is our PyTorch re-implementation with its own random stream (``seed``, restored by reset(), so
+  ``episodic=True`` restarts it with every batch), not torchvision's transforms on the global generator.
+* Weighting off keeps every sample with weight 1 (MD's code then fails when the consistency loss is on).
 * A non-finite loss skips the step and the ensembling (``skipped_steps``); the probability EMA has moved, as in MD.
 """
 from __future__ import annotations
