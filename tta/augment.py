@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -199,3 +200,40 @@ def warp_and_blur(x: torch.Tensor, angle: float, translate: tuple[int, int], sca
     kernel = kernel / kernel.sum()
     kernel2d = (kernel[:, None] * kernel[None, :]).expand(channels, 1, -1, -1)
     return F.conv2d(warped, kernel2d, groups=channels)
+
+
+class RandomDraws:
+    """The adapter's random numbers: a CPU generator for augmentation parameters and one on the data's device for
+    noise and masks (the same generator on CPU), all from one seed; ``reseed()`` starts them over."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.cpu = torch.Generator().manual_seed(self.seed)
+        self._devices: dict[torch.device, torch.Generator] = {}
+
+    def on(self, device: torch.device) -> torch.Generator:
+        """The generator for tensors made on ``device``."""
+        if device.type == "cpu":
+            return self.cpu
+        if device not in self._devices:
+            self._devices[device] = torch.Generator(device=device).manual_seed(self.seed + 1)
+        return self._devices[device]
+
+    def state(self) -> dict[str, Any]:
+        return {"seed": self.seed, "cpu": self.cpu.get_state(),
+                "devices": {str(d): g.get_state() for d, g in self._devices.items()}}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.seed = int(state["seed"])
+        self.reseed()
+        self.cpu.set_state(state["cpu"])
+        for name, value in state.get("devices", {}).items():
+            self.on(torch.device(name)).set_state(value)
+
+
+def resolve_seed(seed: int) -> int:
+    """``seed``, or torch's initial seed (what ``torch.manual_seed`` last set) when it is negative."""
+    return int(torch.initial_seed() if seed < 0 else seed) % (2 ** 63)

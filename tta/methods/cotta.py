@@ -48,7 +48,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tta.augment import CottaAugment, check_images
+from tta.augment import CottaAugment, RandomDraws, check_images, resolve_seed
 from tta.base import GradientAdapter
 from tta.options import GradientOptions, option
 from tta.registry import register
@@ -73,43 +73,6 @@ def ema_update(teacher: list[torch.Tensor], student: list[torch.Tensor], momentu
     """theta' <- m theta' + (1 - m) theta (CoTTA eq. 3)."""
     for t, s in zip(teacher, student):
         t.copy_(momentum * t + (1.0 - momentum) * s)
-
-
-class RandomDraws:
-    """The adapter's random numbers: a CPU generator for augmentation parameters and one on the data's device for
-    noise and masks (the same generator on CPU), all from one seed; ``reseed()`` starts them over."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = int(seed)
-        self.reseed()
-
-    def reseed(self) -> None:
-        self.cpu = torch.Generator().manual_seed(self.seed)
-        self._devices: dict[torch.device, torch.Generator] = {}
-
-    def on(self, device: torch.device) -> torch.Generator:
-        """The generator for tensors made on ``device``."""
-        if device.type == "cpu":
-            return self.cpu
-        if device not in self._devices:
-            self._devices[device] = torch.Generator(device=device).manual_seed(self.seed + 1)
-        return self._devices[device]
-
-    def state(self) -> dict[str, Any]:
-        return {"seed": self.seed, "cpu": self.cpu.get_state(),
-                "devices": {str(d): g.get_state() for d, g in self._devices.items()}}
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.seed = int(state["seed"])
-        self.reseed()
-        self.cpu.set_state(state["cpu"])
-        for name, value in state.get("devices", {}).items():
-            self.on(torch.device(name)).set_state(value)
-
-
-def resolve_seed(seed: int) -> int:
-    """``seed``, or torch's initial seed (what ``torch.manual_seed`` last set) when it is negative."""
-    return int(torch.initial_seed() if seed < 0 else seed) % (2 ** 63)
 
 
 @dataclass
