@@ -284,3 +284,20 @@ def test_matches_the_reference_implementation(scenario):
             layer = module.get_submodule(name)
             torch.testing.assert_close(layer.mean, torch.tensor(mean, dtype=torch.float64), rtol=0, atol=1e-12)
             torch.testing.assert_close(layer.var, torch.tensor(var, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_a_saved_state_dict_resumes_exactly():
+    """Teacher, robust statistics, memory, counters, optimizer and generators travel in the adapter's state_dict."""
+    import io
+
+    batches = [_images(6, seed=s).float() for s in range(5)]
+    first = tta.adapt(conv_net(), "rotta", update_frequency=4, memory_size=6, seed=3)
+    for x in batches[:2]:
+        first(x)
+    saved = io.BytesIO()
+    torch.save(first.state_dict(), saved)
+    saved.seek(0)
+    second = tta.adapt(conv_net(), "rotta", update_frequency=4, memory_size=6, seed=3)
+    second.load_state_dict(torch.load(saved, weights_only=False))
+    assert second.samples_seen == 12 and len(second.memory) == len(first.memory)
+    assert all(torch.equal(first(x), second(x)) for x in batches[2:])
