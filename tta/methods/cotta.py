@@ -175,6 +175,12 @@ class Cotta(GradientAdapter):
                 return total / self.options.n_augmentations
             return self.teacher(x)
 
+    def loss(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the student's ``logits`` to the teacher's pseudo-label of ``x`` (eq. 1-5); the
+        teacher's logits are kept as ``last_teacher`` (they are the prediction returned)."""
+        self.last_teacher = self.pseudo_label(x)
+        return cotta_loss(logits, self.last_teacher, self.options.symmetric_loss)
+
     def _predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_inference_mode_enabled():
             raise RuntimeError("cotta takes gradient steps and cannot run inside torch.inference_mode(); call it "
@@ -183,8 +189,8 @@ class Cotta(GradientAdapter):
             for _ in range(self.options.steps):
                 with self._graph_mode(x):
                     student = self.model(x)
-                teacher = self.pseudo_label(x)
-                loss = cotta_loss(student, teacher, self.options.symmetric_loss)
+                loss = self.loss(x, student)
+                teacher = self.last_teacher
                 if not bool(torch.isfinite(loss)):
                     self.skipped_steps += 1
                     break

@@ -186,13 +186,15 @@ class Roid(GradientAdapter):
             for p, source in zip(self.params, self._source_params):
                 p.mul_(m).add_(source, alpha=1.0 - m)
 
+    def _check_method_input(self, x: torch.Tensor) -> None:
+        if self.options.consistency and x.dim() != 4:
+            raise ValueError(f"roid: the consistency loss augments (N, C, H, W) images, got shape {tuple(x.shape)}; "
+                             "pass consistency=False for other inputs")
+
     def _predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_inference_mode_enabled():
             raise RuntimeError("roid takes gradient steps and cannot run inside torch.inference_mode(); call it "
                                "outside (torch.no_grad() around it is fine)")
-        if self.options.consistency and x.dim() != 4:
-            raise ValueError(f"roid: the consistency loss augments (N, C, H, W) images, got shape {tuple(x.shape)}; "
-                             "pass consistency=False for other inputs")
         with torch.enable_grad():
             for _ in range(self.options.steps):
                 logits = self.model(x)

@@ -238,6 +238,7 @@ class Rotta(GradientAdapter):
     multi_pass = True
     inputs = "images"
     may_skip_update = True  # an update comes every update_frequency samples, not every batch
+    select_all_options = {"update_frequency": 4, "memory_size": 8}  # updates within a few small test batches
 
     def _setup(self) -> None:
         o = self.options

@@ -53,7 +53,7 @@ class ShotImOptions(GradientOptions):
     optimizer: Literal["adam", "sgd"] = option("sgd", "optimizer for the feature extractor: sgd (TTAB) or adam")
     lr: float = option(1e-3, "learning rate (TTAB's shot default: 1e-3 with SGD)")
     epsilon: float = option(1e-5, "added inside the log of the mean prediction's entropy (SHOT, TTAB: 1e-5)")
-    classifier_layer: str | None = option(None, "the frozen head: a module name (default: the last nn.Linear)")
+    classifier_layer: str = option("", "the frozen head: a module name (empty: the last nn.Linear)")
 
 
 @register("shot_im")
@@ -67,7 +67,7 @@ class ShotIm(GradientAdapter):
     uses_classifier = True
 
     def _trainable_parameters(self) -> list[nn.Parameter]:
-        self.classifier_name, head = classifier_layer(self.model, self.options.classifier_layer)
+        self.classifier_name, head = classifier_layer(self.model, self.options.classifier_layer or None)
         frozen = {id(p) for p in head.parameters()}
         if not frozen:
             raise ValueError(f"shot_im: the classifier layer {self.classifier_name!r} has no parameters; name the "
