@@ -12,7 +12,7 @@ import torch
 
 import tta
 from tests.tta_nets import assert_same_state, conv_net, full_state, gn_resnet, mlp_bn1d, tiny_vit
-from tta.augment_cotta import COLOUR_OPS, AugmentParameters, CottaAugment
+from tta.augment import COLOUR_OPS, AugmentParameters, CottaAugment
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,23 +1,38 @@
 """Image augmentations in plain PyTorch, on float images in [0, 1], for methods that adapt on augmented views.
 
-Every random choice is drawn from a ``torch.Generator`` that the caller owns (CPU), so an adapter can restore its
-augmentation stream bitwise on ``reset()``; the pixel work runs on the images' own device and dtype. Two families:
+Every random choice is drawn from a ``torch.Generator`` that the caller owns (CPU for parameters; noise from one on
+the images' device), so an adapter can restore its augmentation stream bitwise on ``reset()``; the pixel work runs
+on the images' own device and dtype. Two families, sharing one set of colour operations and one affine warp:
 
-* :func:`consistency_augment`: the colour jitter + padded affine + flip used by ROID (and CoTTA, without its
-  blur and noise) in the reference (mariodoebler/test-time-adaptation, ``get_tta_transforms``): one parameter draw
-  per call, applied to the whole batch, as torchvision transforms applied to a batched tensor do.
+* :class:`CottaAugment`: the test-time transform of the reference (mariodoebler/test-time-adaptation, MD,
+  ``classification/augmentations/transforms_cotta.py``, ``get_tta_transforms``, in turn from KATANA, Samuel &
+  Chechik 2021), a torchvision pipeline on a batch tensor::
+
+      clip to [0, 1] -> colour jitter (brightness, contrast, saturation, hue, gamma, in a random order)
+      -> padding by H // 2 -> random affine (rotation, translation by up to 1/16 of the padded size, scale;
+      bilinear, fill 0) [-> Gaussian blur (kernel 5)] -> centre crop back to H x W -> horizontal flip (p 0.5)
+      [-> additive Gaussian noise (std 0.005)] -> clip to [0, 1]
+
+  CoTTA (Wang et al. 2022) and RoTTA (Yuan et al. 2023) use it with edge padding, blur and noise
+  (``CottaAugment()``); ROID (Marsden et al. 2024) without blur and noise, with reflect padding
+  (:func:`consistency_augment`; MD's ``get_tta_transforms(..., padding_mode="reflect", cotta_augs=False)``). As
+  torchvision's transforms on a batched tensor, each call draws ONE set of parameters for the whole batch; only
+  the noise differs per pixel.
 * :func:`augmix_views`: MEMO's AugMix-style views of one image (Hendrycks et al. 2020's operations on PIL images in
   the reference; here on tensors, without PIL's uint8 rounding between operations).
 
-The geometric operations sample bilinearly with ``grid_sample`` (zeros outside the image); the colour operations
-follow torchvision's tensor arithmetic (grayscale weights 0.2989/0.587/0.114, clamping to [0, 1] after each
-blend), so for given parameters they agree with ``torchvision.transforms.functional`` to rounding
-(tests/test_method_roid.py checks it).
+The operations are our own, written from their definitions in torchvision's conventions: the colour operations
+use its tensor arithmetic (ITU-R 601 luma 0.2989 / 0.587 / 0.114, contrast around the per-image mean of the luma,
+clamping to [0, 1] after each blend); the warp is its inverse affine map about the image centre with pixel centres
+at half-integers, sampled bilinearly with ``grid_sample`` (zeros outside), and its ``fill`` applied through a
+warped validity mask. For given parameters they agree with ``torchvision.transforms.functional`` to rounding
+(tests/test_method_roid.py and tests/test_method_cotta.py check it).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +48,52 @@ def randint(generator: torch.Generator, low: int, high: int) -> int:
     return int(torch.randint(low, high, (), generator=generator))
 
 
+class RandomDraws:
+    """An adapter's random numbers: a CPU generator for augmentation parameters and one on the data's device for
+    noise and masks (the same generator on CPU), all from one seed; ``reseed()`` starts them over."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.cpu = torch.Generator().manual_seed(self.seed)
+        self._devices: dict[torch.device, torch.Generator] = {}
+
+    def on(self, device: torch.device) -> torch.Generator:
+        """The generator for tensors made on ``device``."""
+        if device.type == "cpu":
+            return self.cpu
+        if device not in self._devices:
+            self._devices[device] = torch.Generator(device=device).manual_seed(self.seed + 1)
+        return self._devices[device]
+
+    def state(self) -> dict[str, Any]:
+        return {"seed": self.seed, "cpu": self.cpu.get_state(),
+                "devices": {str(d): g.get_state() for d, g in self._devices.items()}}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.seed = int(state["seed"])
+        self.reseed()
+        self.cpu.set_state(state["cpu"])
+        for name, value in state.get("devices", {}).items():
+            self.on(torch.device(name)).set_state(value)
+
+
+def resolve_seed(seed: int) -> int:
+    """``seed``, or torch's initial seed (what ``torch.manual_seed`` last set) when it is negative."""
+    return int(torch.initial_seed() if seed < 0 else seed) % (2 ** 63)
+
+
 # -- colour ------------------------------------------------------------------------------------------------------
+LUMA = (0.2989, 0.587, 0.114)
+
+
 def grayscale(images: torch.Tensor) -> torch.Tensor:
     """(..., 1, H, W) luma of RGB images (ITU-R 601-2 weights, as torchvision); other channel counts: the mean."""
     if images.shape[-3] == 3:
         r, g, b = images.unbind(-3)
-        return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
+        return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(-3)
     return images.mean(-3, keepdim=True)
 
 
@@ -100,65 +155,185 @@ def adjust_gamma(images: torch.Tensor, gamma: float) -> torch.Tensor:
     return images.clamp(1e-8, 1.0).pow(gamma).clamp(0.0, 1.0)
 
 
+#: The colour operations, in the index order of ``AugmentParameters.order`` (the reference's ColorJitterPro).
+COLOUR_OPS = ("brightness", "contrast", "saturation", "hue", "gamma")
+COLOUR_FUNCTIONS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "brightness": adjust_brightness, "contrast": adjust_contrast, "saturation": adjust_saturation,
+    "hue": adjust_hue, "gamma": adjust_gamma}
+
+
 # -- geometry ----------------------------------------------------------------------------------------------------
-def affine_sample(images: torch.Tensor, inverse: Sequence[float]) -> torch.Tensor:
+def affine_sample(images: torch.Tensor, inverse: Sequence[float], fill: float | None = None,
+                  window: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Resample (N, C, H, W) images through an affine map given as its inverse (a, b, c, d, e, f): the output
     pixel centred at (x, y) (pixels, origin at the image centre, y down) reads the input at
-    (a x + b y + c, d x + e y + f), bilinearly, zeros outside."""
+    (a x + b y + c, d x + e y + f), bilinearly, zeros outside. With ``fill`` (torchvision's), the result is then
+    blended towards ``fill`` by the share of the sampled neighbours outside the image (torchvision warps an all-ones
+    mask alongside: out * mask + (1 - mask) * fill). ``window`` = (top, left, height, width) computes only those
+    output pixels (rows top..top + height - 1 of the output grid, which may reach past the image), the same values
+    as cropping the whole output."""
     n, _, h, w = images.shape
+    top, left, out_h, out_w = window if window is not None else (0, 0, h, w)
     a, b, c, d, e, f = (float(v) for v in inverse)
-    xs = torch.arange(w, device=images.device, dtype=images.dtype) - (w - 1) / 2.0
-    ys = torch.arange(h, device=images.device, dtype=images.dtype) - (h - 1) / 2.0
+    opts = {"dtype": images.dtype, "device": images.device}
+    xs = torch.arange(left, left + out_w, **opts) - (w - 1) / 2.0
+    ys = torch.arange(top, top + out_h, **opts) - (h - 1) / 2.0
     y, x = torch.meshgrid(ys, xs, indexing="ij")
-    grid = torch.stack(((a * x + b * y + c) / (w / 2.0), (d * x + e * y + f) / (h / 2.0)), -1)
-    return F.grid_sample(images, grid.expand(n, h, w, 2), mode="bilinear", padding_mode="zeros",
+    # grid_sample's normalised coordinates (align_corners=False): pixel offset from the centre / (size / 2)
+    grid = torch.stack(((a * x + b * y + c) / (w / 2.0), (d * x + e * y + f) / (h / 2.0)), -1)[None]
+    out = F.grid_sample(images, grid.expand(n, -1, -1, -1), mode="bilinear", padding_mode="zeros",
+                        align_corners=False)
+    if fill is None:
+        return out
+    mask = F.grid_sample(torch.ones(1, 1, h, w, **opts), grid, mode="bilinear", padding_mode="zeros",
                          align_corners=False)
+    return out * mask + (1.0 - mask) * fill
 
 
-def rotate_scale_translate(images: torch.Tensor, angle: float, translate: tuple[float, float],
-                           scale: float) -> torch.Tensor:
-    """torchvision's affine convention (angle in degrees, translation in pixels, about the centre)."""
+def rotate_scale_translate(images: torch.Tensor, angle: float, translate: tuple[float, float], scale: float,
+                           fill: float | None = None,
+                           window: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """torchvision's affine convention (angle in degrees, counter-clockwise; translation in pixels; about the
+    centre), through :func:`affine_sample` (``fill`` and ``window`` as there)."""
     r = math.radians(angle)
     cos, sin = math.cos(r) / scale, math.sin(r) / scale
     tx, ty = translate
-    return affine_sample(images, (cos, sin, -cos * tx - sin * ty, -sin, cos, sin * tx - cos * ty))
+    return affine_sample(images, (cos, sin, -cos * tx - sin * ty, -sin, cos, sin * tx - cos * ty), fill, window)
 
 
-def center_crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    top = int(round((images.shape[-2] - height) / 2.0))
-    left = int(round((images.shape[-1] - width) / 2.0))
-    return images[..., top:top + height, left:left + width]
+def gaussian_blur_valid(images: torch.Tensor, sigma: float, radius: int = 2) -> torch.Tensor:
+    """Convolve (N, C, H, W) images with torchvision's Gaussian kernel of size 2 radius + 1 (taps exp(-t^2 /
+    (2 sigma^2)) at integer t, normalised; the outer product of two), without padding: the output is 2 radius
+    smaller each way (the caller supplies the margin)."""
+    taps = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = images.shape[1]
+    return F.conv2d(images, (kernel[:, None] * kernel[None, :]).expand(channels, 1, -1, -1), groups=channels)
 
 
-# -- ROID's consistency augmentation -------------------------------------------------------------------------------
+# -- the CoTTA / ROID test-time transform -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class AugmentParameters:
+    """One draw of the transform's parameters (applied to a whole batch)."""
+
+    order: tuple[int, ...]  # a permutation of range(5): the order of the colour operations (COLOUR_OPS)
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float  # a fraction of a full turn of the hue circle
+    gamma: float
+    angle: float  # degrees, counter-clockwise as torchvision's
+    translate: tuple[int, int]  # (tx, ty) pixels
+    scale: float
+    sigma: float | None  # Gaussian blur's standard deviation (None: no blur)
+    flip: bool
+
+
+_PADDING_MODES = {"edge": "replicate", "reflect": "reflect"}  # torchvision's names -> torch.nn.functional.pad's
+
+
+@dataclass(frozen=True)
+class CottaAugment:
+    """MD's ``get_tta_transforms`` (module docstring): ``soft`` is its milder variant, ``padding_mode`` its padding
+    ("edge" or "reflect"), ``blur_and_noise`` its ``cotta_augs`` (the Gaussian blur and the additive noise of
+    std ``noise_std``; without them no blur sigma and no noise are drawn)."""
+
+    soft: bool = False
+    noise_std: float = 0.005
+    padding_mode: str = "edge"
+    blur_and_noise: bool = True
+
+    def __post_init__(self) -> None:
+        if self.padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {sorted(_PADDING_MODES)}, got {self.padding_mode!r}")
+
+    @property
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        if self.soft:
+            r = {"brightness": (0.8, 1.2), "contrast": (0.85, 1.15), "saturation": (0.75, 1.25), "hue": (-0.03, 0.03),
+                 "gamma": (0.85, 1.15), "angle": (-8.0, 8.0), "scale": (0.95, 1.05), "sigma": (0.001, 0.25)}
+        else:
+            r = {"brightness": (0.6, 1.4), "contrast": (0.7, 1.3), "saturation": (0.5, 1.5), "hue": (-0.06, 0.06),
+                 "gamma": (0.7, 1.3), "angle": (-15.0, 15.0), "scale": (0.9, 1.1), "sigma": (0.001, 0.5)}
+        if not self.blur_and_noise:
+            del r["sigma"]
+        return r
+
+    def sample(self, generator: torch.Generator, height: int, width: int) -> AugmentParameters:
+        """Draw one set of parameters from ``generator`` (a CPU generator) for images of the given size: the colour
+        order, then uniforms for the colour factors, angle, translation, scale (and blur sigma), then the flip."""
+        order = tuple(torch.randperm(5, generator=generator).tolist())
+        u = torch.rand(10 if self.blur_and_noise else 9, generator=generator, dtype=torch.float64).tolist()
+        r = self.ranges
+
+        def scaled(value: float, name: str) -> float:
+            low, high = r[name]
+            return low + (high - low) * value
+
+        pad = height // 2
+        max_dx, max_dy = (width + 2 * pad) / 16, (height + 2 * pad) / 16  # translate=(1/16, 1/16) of the padded size
+        return AugmentParameters(
+            order=order, brightness=scaled(u[0], "brightness"), contrast=scaled(u[1], "contrast"),
+            saturation=scaled(u[2], "saturation"), hue=scaled(u[3], "hue"), gamma=scaled(u[4], "gamma"),
+            angle=scaled(u[5], "angle"),
+            translate=(int(round(-max_dx + 2 * max_dx * u[6])), int(round(-max_dy + 2 * max_dy * u[7]))),
+            scale=scaled(u[8], "scale"), sigma=scaled(u[9], "sigma") if self.blur_and_noise else None,
+            flip=bool(torch.rand((), generator=generator) < 0.5))
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator,
+                 noise_generator: torch.Generator | None = None) -> torch.Tensor:
+        """Augment the (N, C, H, W) batch ``x`` (values in [0, 1]) with one draw of parameters from ``generator``
+        (CPU) and, with ``blur_and_noise``, noise from ``noise_generator`` (on x's device; ``generator`` when
+        None)."""
+        params = self.sample(generator, x.shape[-2], x.shape[-1])
+        noise = None
+        if self.blur_and_noise:
+            noise = torch.randn(x.shape, generator=noise_generator or generator, device=x.device, dtype=x.dtype)
+        return self.apply(x, params, noise)
+
+    def apply(self, x: torch.Tensor, params: AugmentParameters, noise: torch.Tensor | None) -> torch.Tensor:
+        """The transform with the given parameters; ``noise`` is a standard normal tensor shaped like ``x`` (None:
+        no noise). The warp and the blur are computed only for the crop (plus the blur's 2-pixel margin), which
+        gives the same values as warping and blurring the whole padded image: the blur's reflection at the padded
+        border never reaches the crop."""
+        out = x.clamp(0.0, 1.0)
+        for index in params.order:
+            op = COLOUR_OPS[index]
+            out = COLOUR_FUNCTIONS[op](out, getattr(params, op))
+        height, width = x.shape[-2:]
+        pad = height // 2  # the reference's Pad(int(n_pixels / 2)) on every side, n_pixels = the height
+        margin = 2 if params.sigma is not None else 0
+        out = F.pad(out, (pad, pad, pad, pad), mode=_PADDING_MODES[self.padding_mode])
+        out = rotate_scale_translate(out, params.angle, params.translate, params.scale, fill=0.0,
+                                     window=(pad - margin, pad - margin, height + 2 * margin, width + 2 * margin))
+        if params.sigma is not None:
+            out = gaussian_blur_valid(out, params.sigma, margin)
+        if params.flip:
+            out = out.flip(-1)
+        if noise is not None:
+            out = out + noise * self.noise_std
+        return out.clamp(0.0, 1.0)
+
+
+def check_images(x: torch.Tensor) -> None:
+    """What CoTTA and RoTTA accept (torchvision's colour operations take 1 or 3 channels)."""
+    if x.dim() != 4 or x.shape[1] not in (1, 3) or min(x.shape[-2:]) < 4:
+        raise ValueError("the CoTTA augmentations take (N, C, H, W) images with C = 1 or 3 channels and H, W >= 4 "
+                         f"(values in [0, 1]); got shape {tuple(x.shape)}")
+
+
+#: ROID's consistency transform: MD ``get_tta_transforms(img_size, padding_mode="reflect", cotta_augs=False)``.
+ROID_TRANSFORM = CottaAugment(padding_mode="reflect", blur_and_noise=False)
+
+
 def consistency_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One random view of a (N, C, H, W) batch, one draw for the whole batch, in the reference's order: clip to
-    [0, 1]; brightness [0.6, 1.4], contrast [0.7, 1.3], saturation [0.5, 1.5], hue [-0.06, 0.06], gamma
-    [0.7, 1.3] in a random order; reflect-pad by half the size; rotate [-15, 15] degrees, translate up to 1/16 of
-    the padded size (rounded to pixels), scale [0.9, 1.1]; centre crop back; horizontal flip with p = 0.5; clip."""
-    h, w = images.shape[-2:]
-    order = torch.randperm(5, generator=generator).tolist()
-    factors = [uniform(generator, 0.6, 1.4), uniform(generator, 0.7, 1.3), uniform(generator, 0.5, 1.5),
-               uniform(generator, -0.06, 0.06), uniform(generator, 0.7, 1.3)]
-    pad = (int(w / 2), int(h / 2))  # left/right, top/bottom, as torchvision's Pad(int(size / 2))
-    padded_w, padded_h = w + 2 * pad[0], h + 2 * pad[1]
-    angle = uniform(generator, -15.0, 15.0)
-    max_dx, max_dy = 0.0625 * padded_w, 0.0625 * padded_h
-    translate = (float(round(uniform(generator, -max_dx, max_dx))), float(round(uniform(generator, -max_dy, max_dy))))
-    scale = uniform(generator, 0.9, 1.1)
-    flip = float(torch.rand((), generator=generator)) < 0.5
-
-    ops: list[Callable[[torch.Tensor, float], torch.Tensor]] = [
-        adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue, adjust_gamma]
-    out = images.clamp(0.0, 1.0)
-    for index in order:
-        out = ops[index](out, factors[index])
-    out = F.pad(out, (pad[0], pad[0], pad[1], pad[1]), mode="reflect")
-    out = rotate_scale_translate(out, angle, translate, scale)
-    out = center_crop(out, h, w)
-    if flip:
-        out = out.flip(-1)
-    return out.clamp(0.0, 1.0)
+    """One random view of a (N, C, H, W) batch for ROID's consistency loss (:data:`ROID_TRANSFORM`), one parameter
+    draw from ``generator`` for the whole batch: clip; brightness [0.6, 1.4], contrast [0.7, 1.3], saturation
+    [0.5, 1.5], hue [-0.06, 0.06], gamma [0.7, 1.3] in a random order; reflect-pad by H // 2; rotate [-15, 15]
+    degrees, translate up to 1/16 of the padded size (rounded to pixels), scale [0.9, 1.1], fill 0; centre crop
+    back; horizontal flip with p = 0.5; clip."""
+    return ROID_TRANSFORM(images, generator)
 
 
 # -- AugMix (MEMO) -----------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tta.augment_cotta import CottaAugment, RandomDraws, check_images, resolve_seed
+from tta.augment import CottaAugment, RandomDraws, check_images, resolve_seed
 from tta.base import GradientAdapter
 from tta.options import GradientOptions, option
 from tta.registry import register

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from tta.augment_cotta import CottaAugment, RandomDraws, check_images, resolve_seed
+from tta.augment import CottaAugment, RandomDraws, check_images, resolve_seed
 from tta.base import LEAN_GRAPH_DEPRECATION, NORM_LAYERS, GradientAdapter
 from tta.norm_layers import LayerSwap, describe_norm_layers, find_batchnorms, find_per_sample_norms
 from tta.optim import make_optimizer
