@@ -12,7 +12,8 @@ Each step, on logits z of the batch (B samples, C classes), p = softmax(z); the 
   d_i < mean(d) are dropped.
 * certainty weight: c_i = -H(p_i), min-max normalised; the weight of a kept sample is exp(d_i c_i / T),
   T = 1/3 (``temperature``).
-* consistency loss (``consistency``): the kept samples are augmented (:func:`tta.augment.consistency_augment`:
+* consistency loss (``consistency``): the kept samples are augmented (:func:`tta.augment.consistency_augment`,
+  CoTTA's transform without blur and noise, reflect-padded, as MD's ``get_tta_transforms(..., cotta_augs=False)``:
   colour jitter, padded rotation/translation/scale, flip; one draw per batch) and forwarded again; the symmetric
   cross-entropy between the two predictions, 0.5 CE(p, q_aug) + 0.5 CE(q_aug, p), is weighted by the same
   weights. Total loss = (sum_kept w_i l_i + sum_kept w_i SCE_i) / B.
