@@ -236,3 +236,33 @@ def test_consistency_augment_is_seeded_in_range_and_one_draw_per_batch():
     single = augment.consistency_augment(x[2:3], torch.Generator().manual_seed(5))
     torch.testing.assert_close(single, a[2:3], rtol=0, atol=1e-12)
     assert not math.isclose(float((a - x).abs().mean()), 0.0)
+
+
+def test_consistency_augment_is_the_reference_transform_without_blur_and_noise():
+    """MD's get_tta_transforms(..., padding_mode="reflect", cotta_augs=False) with torchvision, given parameters."""
+    tf = pytest.importorskip("torchvision.transforms.functional")
+    from torchvision.transforms import InterpolationMode
+
+    transform = augment.ROID_TRANSFORM
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        x = torch.rand(3, 3, 16, 16, generator=g) * 1.2 - 0.1
+        p = transform.sample(g, 16, 16)
+        assert p.sigma is None and "sigma" not in transform.ranges
+        expected = x.clamp(0, 1)
+        for index in p.order:
+            op = augment.COLOUR_OPS[index]
+            expected = tf.adjust_gamma(expected.clamp(1e-8, 1.0), p.gamma) if op == "gamma" else \
+                getattr(tf, f"adjust_{op}")(expected, getattr(p, op))
+        expected = tf.pad(expected, [8], padding_mode="reflect")
+        expected = tf.affine(expected, angle=p.angle, translate=list(p.translate), scale=p.scale, shear=[0.0, 0.0],
+                             interpolation=InterpolationMode.BILINEAR, fill=[0.0] * 3)
+        expected = tf.center_crop(expected, [16, 16])
+        expected = (tf.hflip(expected) if p.flip else expected).clamp(0, 1)
+        torch.testing.assert_close(transform.apply(x, p, None), expected, rtol=0, atol=1e-5)
+    # the view draws exactly these parameters (no blur sigma, no noise) from the generator
+    x = _batch(0, n=2, size=16, dtype=torch.float32)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    view = augment.consistency_augment(x, g1)
+    assert torch.equal(view, transform.apply(x, transform.sample(g2, 16, 16), None))
+    assert torch.equal(g1.get_state(), g2.get_state())
