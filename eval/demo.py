@@ -63,7 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", default="reset", choices=KINDS)
     parser.add_argument("--severity", type=int, default=3)
     parser.add_argument("--corruptions", default="all")
-    parser.add_argument("--methods", default=",".join(tta.methods()))
+    parser.add_argument("--methods", default="default",
+                        help="'default' (every single-pass method: forward-only and one-step), 'all' (every method, "
+                             "the multi-pass ones such as cotta and memo included: several minutes) or a "
+                             "comma-separated list")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=12)
@@ -71,6 +74,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default 1: the demo's network is tiny, and on a busy 2-core machine "
                              "two threads made it 6x slower: 422 s against 70 s)")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def demo_methods(text: str) -> list[str]:
+    """'default': the single-pass methods (as ``tta bench``'s default rows); 'all': every registered method."""
+    if text == "all":
+        return tta.methods()
+    if text == "default":
+        return [m for m in tta.methods() if not tta.registry.method_class(m).multi_pass]
+    return [m.strip() for m in text.split(",") if m.strip()]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         torch.save(model.state_dict(), weights)
     config = BenchmarkConfig(
         out=str(out), model="digits_cnn (trained by tta demo)", weights=str(weights), data="digits", split="test",
-        methods=[m.strip() for m in args.methods.split(",") if m.strip()], corruptions=args.corruptions,
+        methods=demo_methods(args.methods), corruptions=args.corruptions,
         severity=args.severity, protocol=args.protocol, batch_size=args.batch_size, seed=args.seed,
         source_images=1000, progress=not args.no_progress)
     print(f"evaluating {', '.join(config.methods)} on digits test images, corruptions={args.corruptions}, "

@@ -85,6 +85,13 @@ def test_methods_table_reads_the_class_declarations():
     assert "tta.source_stats" in rows["cafa"][4]
 
 
+def test_the_readme_s_methods_table_is_tta_methods_output():
+    text = (REPO / "README.md").read_text()
+    start = "<!-- methods-table: the output of `tta methods` -->\n"
+    table = text.split(start, 1)[1].split("\n<!-- /methods-table -->")[0]
+    assert table == methods_table(), "README's methods table is stale: paste the output of `tta methods`"
+
+
 def test_methods_page_lists_every_option_with_its_default(capsys):
     assert main(["methods", "core"]) == 0
     text = capsys.readouterr().out
