@@ -95,7 +95,8 @@ def test_split_digits_defaults_learn_every_task_with_layer_norm_and_nap(tmp_path
     from continual.config import default_model
 
     assert default_model("split-digits", "layer") == default_model("split-digits", "nap") == "mlp"
-    assert default_model("split-digits", "bn") == "cnn" and default_model("split-cifar10", "layer") == "resnet18-reduced"
+    assert default_model("split-digits", "bn") == "cnn"
+    assert default_model("split-cifar10", "layer") == "resnet18-reduced"
     out = tmp_path / "nap"
     assert main(["continual", "--out", str(out), "--method", "sgd", "--norm", "nap", "--no-progress", "--threads",
                  "1"]) == 0

@@ -215,7 +215,8 @@ class GradientAdapter(BatchNormAdapter):
     BatchNorm layers normalise with batch statistics (mixed with weight ``alpha``) and train their affine
     parameters; LayerNorm, GroupNorm and RMSNorm layers are used as they are and train theirs, so the method runs
     on a ViT or a GroupNorm ResNet as well. A subclass that trains other parameters overrides
-    :meth:`_trainable_parameters`; the snapshot covers whatever it returns. Every other parameter gets ``requires_grad=False`` while adapted (no weight gradients are computed for it,
+    :meth:`_trainable_parameters`; the snapshot covers whatever it returns. Every other parameter gets
+    ``requires_grad=False`` while adapted (no weight gradients are computed for it,
     and it never changes); ``release()`` restores the flags. Each step: forward, loss, backward, optimizer step;
     the logits returned are those of the last forward, computed before its update (as tent does).
     The step is autograd's ordinary graph; with ``tta.accel.enable()``, large CPU batches run their forward pass
