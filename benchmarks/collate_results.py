@@ -1,7 +1,7 @@
-"""Collate runs/results/<model>-n<N>-<protocol>/results.jsonl (written by benchmarks/results_cifar10.sh) into the
+"""Collate results/cifar10/<model>-n<N>-<protocol>/results.jsonl (written by benchmarks/results_cifar10.sh) into the
 Markdown tables of docs/results.md: a summary of mean errors per protocol, then one full table per run.
 
-    .venv/bin/python benchmarks/collate_results.py runs/results > /tmp/tables.md
+    .venv/bin/python benchmarks/collate_results.py results/cifar10 > /tmp/tables.md
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def split_name(name: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
-def main(root: str = "runs/results") -> None:
+def main(root: str = "results/cifar10") -> None:
     runs = sorted(p for p in Path(root).iterdir() if (p / "results.jsonl").exists())
     tables = {run.name: error_table(ResultsLog(run / "results.jsonl").read()) for run in runs}
     models = sorted({split_name(name)[0] for name in tables})
@@ -48,6 +48,9 @@ def main(root: str = "runs/results") -> None:
         for p in protocols:
             print(tables[f"{model}-{p}"].to_markdown(title=f"{model}, protocol {p}"))
             print()
+            if tables[f"{model}-{p}"].by_round is not None:  # a long stream (--rounds): its error per round
+                print(tables[f"{model}-{p}"].by_round.to_markdown(title=f"{model}, protocol {p}: error per round"))
+                print()
 
 
 def guard_summary(root: str, model: str, protocols: list[str]) -> None:

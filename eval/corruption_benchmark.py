@@ -33,6 +33,11 @@ from streams.protocols import corruption_names
 _RESULT_FIELDS = ("model", "weights", "arch", "input_mean", "input_std", "guard_window", "guard_min_entropy", "data", "split", "corruptions", "severity", "protocol", "delta", "batch_size",
                   "n_images", "seed", "domains", "class_map")
 
+#: Result fields added after folders were written, with the value a folder that predates them was run with: such a
+#: folder resumes when the field is at that value (``rounds``: before it existed, every stream was one round). They
+#: stay out of ``_RESULT_FIELDS``, whose keys a sweep records per cell and compares as they are.
+_RESULT_FIELDS_SINCE = {"rounds": 1}
+
 #: Options of earlier versions that never changed results and are no longer recorded (``lean_graph``, tta 0.1: the
 #: same gradients bit for bit; a deprecated, unrecorded option since 0.2): a folder that recorded them resumes.
 _RESULT_NEUTRAL_OPTIONS = frozenset({"lean_graph"})
@@ -60,6 +65,7 @@ class BenchmarkConfig:
     severity: int = 5
     protocol: str = "reset"
     delta: float = 0.1
+    rounds: int = 1  # the domain sequence streamed this many times as one chain (continual kinds only)
     batch_size: int = 200
     n_images: int | None = None
     # Per-method stream settings where a method's design needs other ones (e.g. memo: batch 1, fewer images);
@@ -90,6 +96,7 @@ def _check_same_run(path: Path, config: BenchmarkConfig, resolved: dict[str, dic
     saved = json.loads(path.read_text())
     previous = saved.get("config", {})
     changed = [k for k in _RESULT_FIELDS if k in previous and previous[k] != _jsonable(getattr(config, k))]
+    changed += [k for k, then in _RESULT_FIELDS_SINCE.items() if previous.get(k, then) != getattr(config, k)]
     previous_options = saved.get("resolved_options", {})
     changed += [f"{method} options" for method, options in _jsonable(resolved).items()
                 if method in previous_options and _options_differ(method, previous_options[method], options)]
@@ -159,7 +166,8 @@ def _build_stream(config: BenchmarkConfig):
     if config.domains is not None:  # real domains: one ImageFolder per domain; [] = every domain found
         data = streams.load_domains(path, config.domains or None)
         protocol = streams.make_protocol(config.protocol, domains=list(data), batch_size=config.batch_size,
-                                         seed=config.seed, n_images=config.n_images, delta=config.delta)
+                                         seed=config.seed, n_images=config.n_images, delta=config.delta,
+                                         rounds=config.rounds)
         return streams.make_stream(data, protocol)
     if config.data != "digits" and (_pre_corrupted_folder(path) or _imagenet_c_folder(path)):
         names = corruption_names(config.corruptions)
@@ -168,14 +176,15 @@ def _build_stream(config: BenchmarkConfig):
             raise ValueError("the gradual protocol needs on-the-fly corruption (give clean data, not a -C folder)")
         data = {f"{c}-{config.severity}": loader(path, c, config.severity) for c in names}
         protocol = streams.make_protocol(config.protocol, domains=list(data), batch_size=config.batch_size,
-                                         seed=config.seed, n_images=config.n_images, delta=config.delta)
+                                         seed=config.seed, n_images=config.n_images, delta=config.delta,
+                                         rounds=config.rounds)
         return streams.make_stream(data, protocol)
     if "frost" in corruption_names(config.corruptions):  # fail before the other corruptions run, not at frost
         find_frost_dir()
     clean = streams.load_dataset(config.data, split=config.split)
     protocol = streams.make_protocol(config.protocol, corruptions=config.corruptions, severity=config.severity,
                                      batch_size=config.batch_size, seed=config.seed, n_images=config.n_images,
-                                     delta=config.delta)
+                                     delta=config.delta, rounds=config.rounds)
     return streams.make_stream(clean, protocol, device=config.corrupt_device or config.device)
 
 

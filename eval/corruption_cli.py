@@ -63,6 +63,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated methods (default: all: {','.join(tta.methods())})")
     parser.add_argument("--protocol", default="reset", choices=KINDS)
     parser.add_argument("--delta", type=float, default=0.1, help="Dirichlet concentration for the correlated protocols")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="stream the domain sequence this many times as one chain, without reset (continual, "
+                             "gradual, correlated-continual only); each round is a new seeded pass over the same "
+                             "images, and the report adds the error per round")
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--n-images", type=int, default=None, help="seeded random subset per domain (default: all)")
     parser.add_argument("--seed", type=int, default=0)
@@ -137,7 +141,8 @@ def config_from_args(args: argparse.Namespace, **overrides) -> BenchmarkConfig:
         split=getattr(args, "split", "test"), methods=methods,
         method_options={m: method_options_from_args(args, m) for m in methods if m in tta.methods()},
         corruptions=getattr(args, "corruptions", "all"), severity=getattr(args, "severity", 5),
-        protocol=args.protocol, delta=args.delta, batch_size=args.batch_size, n_images=args.n_images, seed=args.seed,
+        protocol=args.protocol, delta=args.delta, rounds=args.rounds, batch_size=args.batch_size,
+        n_images=args.n_images, seed=args.seed,
         method_batch_size=per_method_counts(getattr(args, "method_batch_size", []), "--method-batch-size", methods),
         method_n_images=per_method_counts(getattr(args, "method_n_images", []), "--method-n-images", methods),
         device=args.device, source_split=args.source_split, source_images=args.source_images,
@@ -150,6 +155,8 @@ def config_from_args(args: argparse.Namespace, **overrides) -> BenchmarkConfig:
 def print_tables(tables, out: str) -> None:
     for table in tables.values():
         print(table.to_markdown(title=f"protocol: {table.protocol}"))
+        if table.by_round is not None:
+            print(table.by_round.to_markdown(title=f"error per round (protocol: {table.protocol})"))
     plots = f"   plots: {out}/*.png" if installed("matplotlib") else ""
     print(f"results: {Path(out) / 'results.jsonl'}   table: {Path(out) / 'results.md'}{plots}")
 

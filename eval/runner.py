@@ -1,9 +1,11 @@
 """The runner: joins an adapter factory and a stream, writes one record per finished segment, resumes.
 
-Records are keyed by (method label, segment index, segment name). On a rerun with the same results file, done
-segments are skipped. Inside a chain of segments without reset (continual, gradual), the adapter state after
-each segment is checkpointed atomically, so an interrupted run continues from the last finished segment; if a
-checkpoint is missing, the chain is replayed silently from its last reset (results are deterministic on CPU).
+Records are keyed by (method label, segment index, segment name) and carry the segment's round (a protocol with
+several rounds numbers its segments through all of them, so resume needs nothing more). On a rerun with the same
+results file, done segments are skipped. Inside a chain of segments without reset (continual, gradual, and every
+round of a protocol with rounds), the adapter state after each segment is checkpointed atomically, so an
+interrupted run continues from the last finished segment; if a checkpoint is missing, the chain is replayed
+silently from its last reset (results are deterministic on CPU).
 """
 from __future__ import annotations
 
@@ -175,6 +177,7 @@ def _record(run: MethodRun, stream, s: int, result: _SegmentResult, context: dic
         **context,
         "method": run.label,
         "segment": s,
+        "round": getattr(segment, "round", 0),  # 0-based round of the protocol's domain sequence
         "domain": segment.name,
         "n": n,
         "error": sum(result.wrong) / n if n else float("nan"),

@@ -17,6 +17,20 @@ A protocol holds no data and no model; :func:`streams.make_stream` joins it with
   (as ``continual``): the long, class-biased stream on which BN-based methods are reported to collapse.
 
 Orders are always seeded permutations: data stored class by class is never streamed in file order.
+
+Rounds (``rounds=N``, the continual kinds only: ``continual``, ``gradual``, ``correlated-continual``): the domain
+sequence is streamed N times in a row as one chain, without reset, e.g. the 15 corruptions ten times: the long
+streams on which continual methods are reported to degrade while periodic resets do not (RDumb, Press et al. 2023;
+the recurring setting of PeTTA, Hoang et al. 2024). Each round is a fresh pass over the same images: the same
+``n_images`` subset, in a new seeded order, with new corruption noise (and, for ``correlated-continual``, a new
+label-correlated order). Why: the repeated CIFAR-10-C protocols revisit the same test images round after round,
+while a deployed model never meets the same batch twice (RDumb's CCC goes further: it keeps drawing images and
+corruptions anew rather than replaying a fixed corrupted set). Replaying identical batches (as CoTTA's code does
+when it reloads the unshuffled CIFAR-10-C arrays at each visit) would reward methods that memorise batches. On
+pre-corrupted files (a CIFAR-10-C folder) the noise is fixed in the files, so there a round changes the order
+only. Round 0 is bitwise the ``rounds=1`` stream. The
+reset-per-domain kinds (``reset``, ``correlated``, ``mixed``) refuse ``rounds > 1``: their rounds would rerun the
+same independent segments, costing time and changing nothing.
 """
 from __future__ import annotations
 
@@ -26,6 +40,7 @@ from typing import Literal, Sequence, Union
 KINDS = ("reset", "continual", "gradual", "mixed", "correlated", "correlated-continual")
 Kind = Literal["reset", "continual", "gradual", "mixed", "correlated", "correlated-continual"]
 CORRELATED_KINDS = ("correlated", "correlated-continual")
+CONTINUAL_KINDS = ("continual", "gradual", "correlated-continual")  # never reset after the first domain: rounds
 GRADUAL_SEVERITIES = (1, 2, 3, 4, 5, 4, 3, 2, 1)
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -63,7 +78,9 @@ class Protocol:
     """A stream protocol (see the module docstring for the kinds). ``n_images``: a seeded random subset of at
     most that many source images per domain, seeded by the data size only, so every corruption of one dataset
     (and every pre-corrupted copy of it, like the CIFAR-10-C files) uses the same images.
-    ``dirichlet_delta``: label correlation inside each segment (None = i.i.d. shuffled)."""
+    ``dirichlet_delta``: label correlation inside each segment (None = i.i.d. shuffled). ``rounds``: how many
+    times ``domains`` is streamed in a row (continual kinds only; see the module docstring); :attr:`sequence` is
+    the whole stream's domain sequence."""
 
     kind: Kind
     domains: tuple[Domain, ...]
@@ -71,6 +88,7 @@ class Protocol:
     seed: int = 0
     n_images: int | None = None
     dirichlet_delta: float | None = None
+    rounds: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -90,6 +108,17 @@ class Protocol:
             raise ValueError(f"a {self.kind!r} protocol needs dirichlet_delta > 0")
         if self.kind == "gradual" and any(d.corruption is None for d in self.domains):
             raise ValueError("a 'gradual' protocol needs corrupted domains (a severity sequence per corruption)")
+        if not _is_int(self.rounds) or self.rounds < 1:
+            raise ValueError(f"rounds must be an int >= 1, got {self.rounds!r}")
+        if self.rounds > 1 and self.kind not in CONTINUAL_KINDS:
+            raise ValueError(f"rounds={self.rounds}: a {self.kind!r} protocol resets before every domain, so its "
+                             f"rounds would repeat the same runs and change nothing but the time; rounds need a "
+                             f"continual kind ({', '.join(CONTINUAL_KINDS)})")
+
+    @property
+    def sequence(self) -> tuple[Domain, ...]:
+        """The domains in stream order over all rounds: ``domains`` repeated ``rounds`` times."""
+        return self.domains * self.rounds
 
 
 def corruption_names(spec: str | Sequence[str]) -> tuple[str, ...]:
@@ -126,14 +155,15 @@ def _severities(severity: int | Sequence[int], kind: str) -> tuple[int, ...]:
 
 def make_protocol(kind: Kind, corruptions: str | Sequence[str] = "all", severity: int | Sequence[int] = 5,
                   batch_size: int = 200, seed: int = 0, n_images: int | None = None, delta: float = 0.1,
-                  domains: Sequence[Union[str, Domain]] | None = None) -> Protocol:
+                  domains: Sequence[Union[str, Domain]] | None = None, rounds: int = 1) -> Protocol:
     """Build a protocol.
 
     ``corruptions``: ``"all"`` (15), ``"extra"`` (4 validation corruptions), or names; each becomes the domain
     ``<corruption>-<severity>``. ``severity``: an int, or a sequence giving several severities per corruption
     (corruption-major order); for ``gradual`` an int means the standard 1,2,3,4,5,4,3,2,1 sequence and a sequence
     replaces it. ``domains``: real domain names (keys of the data dict) or Domain objects, replacing
-    ``corruptions``. ``delta`` is used by ``correlated`` and ``correlated-continual`` only.
+    ``corruptions``. ``delta`` is used by ``correlated`` and ``correlated-continual`` only. ``rounds``: the domain
+    sequence streamed that many times as one chain (``continual``, ``gradual``, ``correlated-continual`` only).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown protocol kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -145,4 +175,4 @@ def make_protocol(kind: Kind, corruptions: str | Sequence[str] = "all", severity
         severities = _severities(severity, kind)
         chosen = tuple(Domain.corrupted(c, s) for c in corruption_names(corruptions) for s in severities)
     return Protocol(kind=kind, domains=chosen, batch_size=batch_size, seed=seed, n_images=n_images,
-                    dirichlet_delta=float(delta) if kind in CORRELATED_KINDS else None)
+                    dirichlet_delta=float(delta) if kind in CORRELATED_KINDS else None, rounds=rounds)

@@ -5,7 +5,9 @@ protocol's seed and on the identity of the domain (its name, corruption, severit
 occurred in the protocol), never on the iteration history. So the same protocol gives the same batches bitwise,
 a segment iterated alone gives exactly the batches it gives inside the full iteration (a runner can resume at any
 segment), and a domain gives bitwise the same batches under ``reset`` and ``continual`` (and draws the same
-``n_images`` subset under every kind).
+``n_images`` subset under every kind). With ``rounds > 1`` the domain sequence is repeated; a repeated domain is a
+further occurrence, so each round draws a new order and new corruption noise over the same subset, and round 0
+gives bitwise the batches of the one-round stream.
 """
 from __future__ import annotations
 
@@ -26,11 +28,13 @@ CLEAN_KEY = "clean"  # key of the clean source in a data dict, for corrupted dom
 
 @dataclass(frozen=True)
 class Segment:
-    """A run of batches between two points where a runner may reset: its domains and whether to reset first."""
+    """A run of batches between two points where a runner may reset: its domains, whether to reset first, and
+    the round (0-based) of the protocol's domain sequence it belongs to."""
 
     name: str
     domains: tuple[Domain, ...]
     reset_before: bool
+    round: int = 0
 
 
 @dataclass
@@ -46,23 +50,30 @@ class Batch:
 
 
 def _build_segments(protocol: Protocol) -> list[tuple[Segment, tuple[int, ...]]]:
-    """Segments with their domain positions. Names are unique: a repeated domain (the gradual sequence visits
-    every severity but 5 twice) is named ``<name>#2`` the second time, so records keyed by name do not collide."""
+    """Segments with their domain positions in ``protocol.sequence``. Names are unique: a domain repeated within a
+    round (the gradual sequence visits every severity but 5 twice) is named ``<name>#2`` the second time, and with
+    several rounds every name ends in its round, ``<name>/r<round>`` (0-based), so records keyed by name do not
+    collide and a report shows where each round starts."""
     domains = protocol.domains
     if protocol.kind == "mixed":
         return [(Segment("mixed", domains, True), tuple(range(len(domains))))]
     reset_each = protocol.kind in ("reset", "correlated")  # correlated-continual: never reset, as continual
-    seen: dict[str, int] = {}
     segments = []
-    for i, domain in enumerate(domains):
-        seen[domain.name] = seen.get(domain.name, 0) + 1
-        name = domain.name if seen[domain.name] == 1 else f"{domain.name}#{seen[domain.name]}"
-        segments.append((Segment(name, (domain,), reset_each or i == 0), (i,)))
+    for round_index in range(protocol.rounds):
+        seen: dict[str, int] = {}
+        for j, domain in enumerate(domains):
+            i = round_index * len(domains) + j
+            seen[domain.name] = seen.get(domain.name, 0) + 1
+            name = domain.name if seen[domain.name] == 1 else f"{domain.name}#{seen[domain.name]}"
+            if protocol.rounds > 1:
+                name = f"{name}/r{round_index}"
+            segments.append((Segment(name, (domain,), reset_each or i == 0, round_index), (i,)))
     return segments
 
 
 def _domain_keys(domains: tuple[Domain, ...]) -> list[str]:
-    """A stable identity per domain position: the domain itself plus its occurrence count (gradual repeats)."""
+    """A stable identity per domain position: the domain itself plus its occurrence count (gradual repeats,
+    rounds), which seeds the position's order and corruption noise."""
     seen: dict[Domain, int] = {}
     keys = []
     for domain in domains:
@@ -79,7 +90,7 @@ class Stream:
                  corrupt_fn: CorruptFn | None = None, device: torch.device | str = "cpu") -> None:
         self.protocol = protocol
         self.device = torch.device(device)  # where batches are made (and corrupted); labels stay on the CPU
-        self.domains: tuple[Domain, ...] = protocol.domains
+        self.domains: tuple[Domain, ...] = protocol.sequence  # every round's positions (one round: the domains)
         built = _build_segments(protocol)
         self.segments: list[Segment] = [segment for segment, _ in built]
         self._members = [members for _, members in built]

@@ -55,6 +55,23 @@ def test_protocol_is_frozen_plain_data():
     assert dataclasses.replace(protocol, batch_size=1).batch_size == 1
 
 
+@pytest.mark.parametrize("kind", ["continual", "gradual", "correlated-continual"])
+def test_rounds_repeat_the_domain_sequence_of_a_continual_kind(kind):
+    one = make_protocol(kind, corruptions="fog,snow", severity=5)
+    three = make_protocol(kind, corruptions="fog,snow", severity=5, rounds=3)
+    assert one.rounds == 1 and one.sequence == one.domains
+    assert three.rounds == 3 and three.domains == one.domains  # one round's domains, repeated by ``sequence``
+    assert three.sequence == one.domains * 3 and len(three.sequence) == 3 * len(one.domains)
+    assert three != one and dataclasses.replace(three, rounds=1) == one
+
+
+@pytest.mark.parametrize("kind", ["reset", "correlated", "mixed"])
+def test_rounds_are_refused_where_every_domain_starts_from_a_reset(kind):
+    assert make_protocol(kind, corruptions="fog", rounds=1).rounds == 1
+    with pytest.raises(ValueError, match=f"rounds=2: a '{kind}' protocol resets before every domain.*continual kind"):
+        make_protocol(kind, corruptions="fog", rounds=2)
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: make_protocol("sorted"), "unknown protocol kind 'sorted'"),
     (lambda: make_protocol("reset", corruptions="fog,blur"), r"unknown corruption\(s\) \['blur'\]"),
@@ -72,6 +89,8 @@ def test_protocol_is_frozen_plain_data():
     (lambda: Protocol("correlated", (Domain("a"),)), "needs dirichlet_delta"),
     (lambda: Protocol("reset", ()), "non-empty tuple of Domain"),
     (lambda: Protocol("reset", (Domain("a"),), dirichlet_delta=float("nan")), "dirichlet_delta must be > 0"),
+    (lambda: make_protocol("continual", rounds=0), "rounds must be an int >= 1"),
+    (lambda: make_protocol("continual", rounds=2.0), "rounds must be an int >= 1"),
     (lambda: Domain("fog-9", "fog", 9), "severity must be an int in 1..5"),
     (lambda: Domain("art", None, 3), "a severity needs a corruption"),
     (lambda: Domain(""), "non-empty name"),

@@ -137,6 +137,35 @@ def test_same_protocol_same_batches_bitwise_and_segment_resume():
     assert torch.equal(next(reset.batches(0)).x, full[3].x)
 
 
+@pytest.mark.parametrize("kind", ["continual", "gradual", "correlated-continual"])
+def test_rounds_are_fresh_passes_over_the_same_images_in_one_chain(kind):
+    data = class_sorted()
+    one = make_stream(data, make_protocol(kind, corruptions="fog,snow", batch_size=24, seed=3, n_images=70),
+                      severity_marker)
+    three = make_stream(data, make_protocol(kind, corruptions="fog,snow", batch_size=24, seed=3, n_images=70,
+                                            rounds=3), severity_marker)
+    per_round = len(one.segments)
+    assert len(three.segments) == 3 * per_round and three.num_batches() == 3 * one.num_batches()
+    assert [s.round for s in three.segments] == [r for r in range(3) for _ in range(per_round)]
+    assert [s.reset_before for s in three.segments] == [True] + [False] * (3 * per_round - 1)  # one chain
+    assert [s.name for s in three.segments[per_round:2 * per_round]] == [f"{s.name}/r1" for s in one.segments]
+    assert len({s.name for s in three.segments}) == 3 * per_round
+    # round 0 is bitwise the one-round stream
+    for a, b in zip(one, three):
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    for s in range(per_round):
+        first, second, third = (three.order(s + r * per_round)[1] for r in range(3))
+        # the same images every round, in a new seeded order, with new corruption noise
+        assert sorted(first.tolist()) == sorted(second.tolist()) == sorted(third.tolist())
+        assert not np.array_equal(first, second) and not np.array_equal(second, third)
+        noise = {three.corruption_seed(s + r * per_round, 0) for r in range(3)}
+        assert len(noise) == 3
+    # rebuilt from the protocol, the last round gives the same batches bitwise (a resume can start there)
+    again = make_stream(data, three.protocol, severity_marker)
+    last = len(three.segments) - 1
+    assert all(torch.equal(a.x, b.x) for a, b in zip(again.batches(last), three.batches(last)))
+
+
 def test_n_images_is_one_subset_shared_by_all_corruptions():
     data = class_sorted()
     stream = make_stream(data, make_protocol("reset", corruptions="fog,snow", n_images=30, batch_size=7),
