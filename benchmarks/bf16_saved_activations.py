@@ -2,7 +2,7 @@
 
     python benchmarks/bf16_saved_activations.py --weights ../shared/data/models/akamaster-resnet-cifar10/resnet20-12fca82f.th
 
-Tried for the memory goal of the performance issue and not kept in the library (docs/performance.md, Memory):
+Tried for the memory goal of the performance issue and not kept in the library:
 the saved bytes halve, but the peak RSS of a step falls much less (10-20 %). Each mode runs in a fresh
 process (``--mode`` runs one): RSS after the forward pass and peak RSS over forward and backward (VmHWM
 reset before each step, malloc_trim before), the median step time, and the gradient of the BatchNorm affine

@@ -19,9 +19,6 @@ plain inference, N rounds each of tent, core and cafa, and prints the paired rat
 interleaved rounds: PyTorch's ReLU and its backward (``threshold_backward``) against the bit-mask kernels, and a
 frozen convolution's input gradient through autograd's node against :class:`tta.accel.lean_graph.FrozenConvolution`
 (median ms; the order of the pieces rotates each round).
-
-An earlier version of this script (commit 21a9839) also measured two lean graphs written in PyTorch ops alone
-(boolean ReLU masks; ReLUs recomputed from the BatchNorm input): docs/performance.md, Memory.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ CPU batches large enough to hide it (``tta.accel.LEAN_GRAPH_MIN_INPUT_ELEMENTS``
 
 Memory: the bytes held in tensors fall by about a third (ResNet-20, batch 200: the step's peak 296 -> 182 MB). On
 CPU the process's RSS does not fall with them under glibc's malloc, whose placement of the freed maps leaves the
-heap as large as before (docs/performance.md, Memory).
+heap as large as before (docs/performance.md, tensor_cache).
 """
 from __future__ import annotations
 
