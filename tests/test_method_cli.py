@@ -73,7 +73,8 @@ def test_help_is_short_and_shows_set_not_one_flag_per_option(capsys):
         main(["corruption", "--help"])
     text = capsys.readouterr().out
     assert "--set METHOD.OPTION=VALUE" in text and "--tent-lr" not in text
-    flags = [f"--{m}-{f.name}".replace("_", "-") for m in tta.methods() for f in dataclasses.fields(tta.method_options(m))]
+    flags = [f"--{m}-{f.name}".replace("_", "-") for m in tta.methods()
+             for f in dataclasses.fields(tta.method_options(m))]
     assert not [flag for flag in flags if flag in text]  # no per-method flag
     assert len(text.splitlines()) < 150  # the run's own flags only: 238 lines when each option had a flag
 
