@@ -264,10 +264,13 @@ class GradientAdapter(BatchNormAdapter):
         """The unsupervised objective minimised on each batch."""
         raise NotImplementedError
 
-    def _predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+    def _refuse_inference_mode(self) -> None:
         if torch.is_inference_mode_enabled():
             raise RuntimeError(f"{self.name} takes gradient steps and cannot run inside torch.inference_mode(); "
                                "call it outside (torch.no_grad() around it is fine)")
+
+    def _predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        self._refuse_inference_mode()
         with torch.enable_grad():
             for _ in range(self.options.steps):
                 with self._graph_mode(x):
@@ -279,8 +282,16 @@ class GradientAdapter(BatchNormAdapter):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
+                self._after_step()
         self.optimizer.zero_grad(set_to_none=True)
-        return logits.detach()
+        return self._output(logits.detach())
+
+    def _after_step(self) -> None:
+        """What a method does after each optimizer step (e.g. ensembling the weights with the source)."""
+
+    def _output(self, logits: torch.Tensor) -> torch.Tensor:
+        """The prediction returned for the batch, from the logits of its last forward (e.g. prior-corrected)."""
+        return logits
 
     def _graph_mode(self, x: torch.Tensor) -> contextlib.AbstractContextManager:
         """Where this batch's forward is recorded: autograd's graph, or :class:`~tta.accel.lean_graph.LeanGraph`

@@ -182,9 +182,7 @@ class Cotta(GradientAdapter):
         return cotta_loss(logits, self.last_teacher, self.options.symmetric_loss)
 
     def _predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("cotta takes gradient steps and cannot run inside torch.inference_mode(); call it "
-                               "outside (torch.no_grad() around it is fine)")
+        self._refuse_inference_mode()
         with torch.enable_grad():
             for _ in range(self.options.steps):
                 with self._graph_mode(x):

@@ -126,9 +126,7 @@ class Eta(GradientAdapter):
 
     # -- the step -----------------------------------------------------------------------------------------------
     def _predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(f"{self.name} takes gradient steps and cannot run inside torch.inference_mode(); "
-                               "call it outside (torch.no_grad() around it is fine)")
+        self._refuse_inference_mode()
         with torch.enable_grad():
             for _ in range(self.options.steps):
                 with self._graph_mode(x):

@@ -139,9 +139,7 @@ class Memo(GradientAdapter):
         return marginal_entropy(logits)
 
     def _predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("memo takes gradient steps and cannot run inside torch.inference_mode(); call it "
-                               "outside (torch.no_grad() around it is fine)")
+        self._refuse_inference_mode()
         if x.dim() != 4:
             raise ValueError(f"memo augments (N, C, H, W) images, got shape {tuple(x.shape)}")
         outputs = []

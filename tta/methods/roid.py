@@ -181,35 +181,20 @@ class Roid(GradientAdapter):
         return loss
 
     @torch.no_grad()
-    def _ensemble_with_source(self) -> None:
+    def _after_step(self) -> None:
+        """Weight ensembling with the source: theta <- m * theta + (1 - m) * theta_source."""
         m = self.options.source_momentum
         if m < 1.0:
             for p, source in zip(self.params, self._source_params):
                 p.mul_(m).add_(source, alpha=1.0 - m)
 
+    def _output(self, logits: torch.Tensor) -> torch.Tensor:
+        return prior_correction(logits) if self.options.prior_correction else logits
+
     def _check_method_input(self, x: torch.Tensor) -> None:
         if self.options.consistency and x.dim() != 4:
             raise ValueError(f"roid: the consistency loss augments (N, C, H, W) images, got shape {tuple(x.shape)}; "
                              "pass consistency=False for other inputs")
-
-    def _predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("roid takes gradient steps and cannot run inside torch.inference_mode(); call it "
-                               "outside (torch.no_grad() around it is fine)")
-        with torch.enable_grad():
-            for _ in range(self.options.steps):
-                logits = self.model(x)
-                loss = self.loss(x, logits)
-                if not bool(torch.isfinite(loss)):
-                    self.skipped_steps += 1
-                    break
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self._ensemble_with_source()
-        self.optimizer.zero_grad(set_to_none=True)
-        logits = logits.detach()
-        return prior_correction(logits) if self.options.prior_correction else logits
 
     def get_extra_state(self) -> dict[str, Any]:
         return {**super().get_extra_state(), "generator": self.generator.get_state()}

@@ -322,9 +322,7 @@ class Rotta(GradientAdapter):
         return super().forward(x)
 
     def _predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("rotta takes gradient steps and cannot run inside torch.inference_mode(); call it "
-                               "outside (torch.no_grad() around it is fine)")
+        self._refuse_inference_mode()
         with torch.no_grad():
             logits = self.teacher(x)
             probs = logits.softmax(1)

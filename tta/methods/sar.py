@@ -119,9 +119,7 @@ class Sar(GradientAdapter):
         return entropy[entropy < self.margin(logits.shape[1])].mean()
 
     def _predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(f"{self.name} takes gradient steps and cannot run inside torch.inference_mode(); "
-                               "call it outside (torch.no_grad() around it is fine)")
+        self._refuse_inference_mode()
         with torch.enable_grad():
             for _ in range(self.options.steps):
                 logits = self._step(x)
