@@ -23,9 +23,17 @@ def split_name(name: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
+def run_records(root: str) -> dict[str, list[dict]]:
+    """Records per run name. A folder ``<model>-n<N>-<protocol>.<part>`` (e.g. ``.multipass``: methods run in a
+    second process beside the first, on the same stream settings) adds its records to ``<model>-n<N>-<protocol>``."""
+    records: dict[str, list[dict]] = {}
+    for run in sorted(p for p in Path(root).iterdir() if (p / "results.jsonl").exists()):
+        records.setdefault(run.name.split(".", 1)[0], []).extend(ResultsLog(run / "results.jsonl").read())
+    return records
+
+
 def main(root: str = "results/cifar10") -> None:
-    runs = sorted(p for p in Path(root).iterdir() if (p / "results.jsonl").exists())
-    tables = {run.name: error_table(ResultsLog(run / "results.jsonl").read()) for run in runs}
+    tables = {name: error_table(records) for name, records in run_records(root).items()}
     models = sorted({split_name(name)[0] for name in tables})
     for model in models:
         found = [split_name(name)[1] for name in tables if split_name(name)[0] == model]
@@ -58,7 +66,7 @@ def guard_summary(root: str, model: str, protocols: list[str]) -> None:
     the guard reset it (summed over segments that start from a reset; the running count in a continual chain)."""
     rows: dict[str, dict[str, str]] = {}
     for p in protocols:
-        records = ResultsLog(Path(root) / f"{model}-{p}" / "results.jsonl").read()
+        records = run_records(root)[f"{model}-{p}"]
         if not any("guard_resets" in r for r in records):
             continue
         table = error_table(records)
