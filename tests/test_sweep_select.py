@@ -19,7 +19,7 @@ from eval.cli import main
 from eval.records import ResultsLog
 from eval.sweep import SweepError, load_sweep, parse_sweep
 from eval.sweep_cell import run_cell
-from eval.sweep_select import Candidate, Group, choose, extensions, run_selection
+from eval.sweep_select import Candidate, Group, choose, default_candidate, extensions, run_selection
 from streams.corruptions import EXTRA_CORRUPTIONS
 
 TEST_CORRUPTIONS = ["gaussian_noise", "fog"]
@@ -321,3 +321,82 @@ def test_tta_select_refuses_a_file_without_a_select_block(tmp_path, capsys, weig
     assert main(["select", str(path), "--out", str(tmp_path / "out")]) == 2
     assert "no [select] block" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# -- the files of the repository -------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_example_of_docs_sweeps_md_selects_as_its_text_says():
+    import re
+
+    from eval.sweep_select import validation_sweep
+
+    text = (REPO / "docs" / "sweeps.md").read_text()
+    section = text[text.index("## Selecting hyper-parameters"):]
+    example = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+    sweep = parse_sweep(tomllib.loads(example), "docs/sweeps.md")
+    validation = validation_sweep(sweep, sweep.select).cells()
+    assert len(validation) == int(re.search(r"on (\d+) validation cells", section).group(1))
+    assert len(sweep.cells()) == int(re.search(r"\((\d+) test\s+cells\)", section).group(1))
+    assert {c.data["corruptions"] for c in validation} == {"extra"}
+
+
+def validation_grid(path: Path) -> dict:
+    """What a selection file validates on, in the terms of the scripts it replaces."""
+    from eval.sweep_select import validation_sweep
+
+    sweep = load_sweep(path)
+    cells = validation_sweep(sweep, sweep.select).cells()
+    return {"grids": sweep.select.methods, "margin": sweep.select.margin, "extend": sweep.select.extend,
+            "models": sorted({c.model["name"] for c in cells}), "protocols": sorted({c.protocol for c in cells}),
+            "batch_sizes": sorted({c.batch_size for c in cells}), "seeds": sorted({c.seed for c in cells}),
+            "severities": sorted({c.severity for c in cells}), "corruptions": {c.data["corruptions"] for c in cells},
+            "n_images": {c.data.get("n_images", c.settings["n_images"]) for c in cells}}
+
+
+def test_the_selection_files_validate_on_the_grids_of_the_scripts_they_replace():
+    lrs = [0.0003, 0.001, 0.003]
+    common = {"models": ["resnet20"], "seeds": [0], "severities": [5], "corruptions": {"extra"}}
+    # select_alpha.py: alpha_bn's 8 alphas, batch sizes 16, 64, 200, reset, 1000 images, no margin
+    assert validation_grid(REPO / "benchmarks" / "select_alpha.toml") == {
+        **common, "grids": {"alpha_bn": {"alpha": [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]}}, "margin": 0.0,
+        "extend": 0, "protocols": ["reset"], "batch_sizes": [16, 64, 200], "n_images": {1000}}
+    # select_lr.py rule v2: core and cafa, 4 rates, continual only, 7500 images, margin 0.3 points, no extension
+    assert validation_grid(REPO / "benchmarks" / "select_lr.toml") == {
+        **common, "grids": {m: {"lr": [*lrs, 0.009]} for m in ("core", "cafa")}, "margin": 0.003, "extend": 0,
+        "protocols": ["continual"], "batch_sizes": [200], "n_images": {7500}}
+    # select_lr.py rule v1: core, cafa, tent, 3 rates extended at most twice, reset and continual, 2000 images
+    assert validation_grid(REPO / "benchmarks" / "select_lr_short.toml") == {
+        **common, "grids": {m: {"lr": lrs} for m in ("core", "cafa", "tent")}, "margin": 0.003, "extend": 2,
+        "protocols": ["continual", "reset"], "batch_sizes": [200], "n_images": {2000}}
+
+
+@pytest.mark.parametrize("file, figures, chosen_key", [
+    ("select_alpha.toml", "alpha_selection.json", "chosen_alpha"),
+    ("select_lr.toml", "lr_selection_long.json", "chosen_lr"),
+    ("select_lr_short.toml", "lr_selection.json", "chosen_lr"),
+])
+def test_the_rule_of_a_selection_file_on_its_scripts_figures_makes_the_scripts_choices(file, figures, chosen_key):
+    """The scripts' recorded mean validation errors, fed to the rule round by round as ``tta select`` would (the
+    grid extended where the best value sits), give the values the scripts chose."""
+    sweep = load_sweep(REPO / "benchmarks" / file)
+    recorded = json.loads((REPO / "docs" / figures).read_text())
+    for method, grid in sweep.select.methods.items():
+        (name, values), = grid.items()
+        grids = {method: {name: list(values)}}
+        by_value = recorded["mean_error"].get(method, recorded["mean_error"])  # select_alpha.py: one method
+        means = {float(value): error for value, error in by_value.items()}
+        for _ in range(sweep.select.extend + 1):
+            candidates = [Candidate({name: v}, errors=[means[v]]) for v in grids[method][name]]
+            default = default_candidate(method, [name])
+            chosen, best = choose(candidates, default, sweep.select.margin)
+            group = Group(method=method, fixed={}, key=(), candidates=candidates, default=default, chosen=chosen,
+                          best=best)
+            added = extensions(sweep.select, grids, [group])
+            if not added:
+                break
+            grids[method][name] += added[method]  # a value the script also ran: a KeyError here says otherwise
+        want = recorded[chosen_key] if chosen_key == "chosen_alpha" else recorded[chosen_key][method]
+        assert chosen == {name: want}, (method, grids)
