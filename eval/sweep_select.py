@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from eval.sweep import Cell, Sweep, SweepError, _fail, _ints, _list, _unknown, method_label, sort_key
+from eval.sweep import Cell, Sweep, _fail, _ints, _list, _unknown, method_label, sort_key
 
 SELECT_KEYS = ("methods", "corruptions", "severities", "n_images", "protocols", "batch_sizes", "seeds", "models",
                "per", "margin", "extend")
@@ -93,7 +93,7 @@ def parse_selection(raw: Any, sweep: Sweep, where: str) -> Selection:
             raise _fail(where, f"select.methods.{method}.{both[0]}", "also set in [methods]; an option is either "
                         "fixed (or a grid) in [methods] or selected in [select], not both")
         for name, values in grid.items():
-            if len(values) != len({json.dumps(v) for v in values}):
+            if any(values.index(v) != i for i, v in enumerate(values)):  # 1 and 1.0 too: the same candidate
                 raise _fail(where, f"select.methods.{method}.{name}", f"{values} repeats a value")
     selection = Selection(methods=methods)
     prefixed = {f"select.{key}": value for key, value in raw.items()}  # so that errors name select.KEY
@@ -112,8 +112,9 @@ def parse_selection(raw: Any, sweep: Sweep, where: str) -> Selection:
     if "protocols" in raw:
         protocols = _list(prefixed, "select.protocols", where)
         for i, p in enumerate(protocols):
-            if p not in KINDS:
-                raise _fail(where, f"select.protocols[{i}]", f"{p!r} is not a protocol; allowed: {', '.join(KINDS)}")
+            if p not in KINDS or protocols.index(p) != i:
+                raise _fail(where, f"select.protocols[{i}]", f"{p!r} is not allowed; allowed: each of "
+                            f"{', '.join(KINDS)} at most once")
         selection.protocols = protocols
     if "batch_sizes" in raw:
         selection.batch_sizes = _ints(_list(prefixed, "select.batch_sizes", where), "select.batch_sizes", where, 1)
@@ -123,9 +124,9 @@ def parse_selection(raw: Any, sweep: Sweep, where: str) -> Selection:
         names = [m["name"] for m in sweep.models]
         models = _list(prefixed, "select.models", where)
         for i, name in enumerate(models):
-            if name not in names:
-                raise _fail(where, f"select.models[{i}]", f"{name!r} is not a [[models]] name; allowed: "
-                            f"{', '.join(names)}")
+            if name not in names or models.index(name) != i:
+                raise _fail(where, f"select.models[{i}]", f"{name!r} is not allowed; allowed: each [[models]] name "
+                            f"at most once ({', '.join(names)})")
         selection.models = models
     if "per" in raw:
         per = raw["per"] if isinstance(raw["per"], list) else [raw["per"]]

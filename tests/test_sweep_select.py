@@ -173,6 +173,10 @@ def test_validation_corruptions_that_overlap_the_test_corruptions_are_refused(we
     ("batch_sizes = [8]\nper = [\"data\", \"batch_size\"]\nmethods = { tent = { lr = [0.001] } }", "tent = {}",
      "select.per", "batch_size=16"),
     ("colour = 1\nmethods = { tent = { lr = [0.001] } }", "tent = {}", "select.colour", "corruptions, severities"),
+    ("protocols = [\"continual\", \"continual\"]\nmethods = { tent = { lr = [0.001] } }", "tent = {}",
+     "select.protocols[1]", "at most once"),
+    ("corruptions = [\"rain\"]\nmethods = { tent = { lr = [0.001] } }", "tent = {}", "select.corruptions",
+     "speckle_noise"),
 ])
 def test_an_invalid_select_block_names_the_key_and_the_allowed_values(weights, select, methods, key, allowed):
     with pytest.raises(SweepError) as error:
