@@ -165,7 +165,7 @@ def _check_data(selection: Selection, sweep: Sweep, where: str) -> None:
             raise _fail(where, f"data[{i}]", "streams domains; [select] chooses on held-out corruptions, so every "
                         "data entry of a file with [select] needs corruptions")
     for i, entry in enumerate(sweep.data):
-        # with data in the key, a data entry's choice comes from its own validation data; otherwise from all of them
+        # every data entry, whatever select.per: the validation corruptions are held out from all test streams
         test = set(corruption_names(entry["corruptions"]))
         overlap = sorted(validation & test)
         if overlap:

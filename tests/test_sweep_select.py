@@ -261,6 +261,19 @@ def test_a_failed_validation_cell_holds_back_its_groups_test_cells_until_retried
     assert not outcome.failed and not outcome.waiting
 
 
+def test_a_grid_of_another_option_in_methods_gets_one_choice_per_value(weights, tmp_path):
+    sweep = parse(sweep_file(weights, ABSURD, methods="tent = { steps = [1, 2] }"))
+    out = tmp_path / "out"
+    run_selection(sweep, out, InProcess(), progress=False)
+    methods = json.loads((out / "selection.json").read_text())["methods"]
+    assert sorted(methods) == ["tent[steps=1]", "tent[steps=2]"]
+    chosen = {entry["fixed"]["steps"]: entry["chosen"]["lr"]
+              for by_key in methods.values() for entry in by_key.values()}
+    assert chosen == {1: 0.001, 2: 0.001}
+    test = ResultsLog(out / "results.jsonl").read()
+    assert sorted({(r["options"]["steps"], r["options"]["lr"]) for r in test}) == [(1, 0.001), (2, 0.001)]
+
+
 def _validation_keys(sweep):
     from eval.sweep_select import validation_sweep
 
