@@ -17,7 +17,7 @@ from tta import accel
 from tta._extras import MissingExtraError
 
 #: The subcommands that run models: on CPU they turn the fast path on (tta.accel) unless given --no-accel.
-ACCEL_COMMANDS = frozenset({"demo", "corruption", "domains", "continual", "bench", "sweep"})
+ACCEL_COMMANDS = frozenset({"demo", "corruption", "domains", "continual", "bench", "sweep", "select"})
 # name -> (module, one-line help). The module provides add_arguments(parser) and run(args).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("eval.demo", "the whole pipeline on an embedded dataset (no download), in under two minutes"),
@@ -29,6 +29,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "methods": ("eval.methods_cli", "the registered methods (what each updates and needs); NAME: its options"),
     "sweep": ("eval.sweep_cli", "run a grid of corruption / domain runs (methods x options x models x data x "
                                 "protocols x batch sizes x seeds) on Ray, locally or on a cluster"),
+    "select": ("eval.select_cli", "choose hyper-parameters (learning rate, alpha, ...) on the validation corruptions, "
+                                  "then run a sweep file's test grid with the chosen values"),
 }
 RESUMABLE = {"corruption", "domains", "continual", "make-c"}  # rerunning the same command continues the run
 INTERRUPTED = 130  # the shell's exit status for a process stopped by Ctrl-C (128 + SIGINT)

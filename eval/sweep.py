@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 TOP_LEVEL_KEYS = ("methods", "models", "data", "protocols", "batch_sizes", "seeds", "n_images", "delta", "device",
-                  "deterministic", "source_images", "source_split")
+                  "deterministic", "source_images", "source_split", "select")
 MODEL_KEYS = ("name", "model", "weights", "arch", "input_mean", "input_std", "num_classes", "download")
 DATA_KEYS = ("name", "path", "split", "corruptions", "severities", "domains", "source_data", "n_images")
 
@@ -103,9 +103,11 @@ class Sweep:
     batch_sizes: list[int]
     seeds: list[int]
     settings: dict[str, Any]
+    select: Any = None  # the [select] block (eval.sweep_select.Selection): choose options on validation data first
 
     def cells(self) -> list[Cell]:
-        """Every cell of the grid, in :func:`sort_key` order."""
+        """Every cell of the grid, in :func:`sort_key` order (a selected method with its fixed options only: the
+        test cells with the chosen options are :func:`eval.sweep_select.test_cells`)."""
         cells = []
         for model, data, protocol, batch_size, seed in itertools.product(
                 self.models, self.data, self.protocols, self.batch_sizes, self.seeds):
@@ -195,9 +197,14 @@ def parse_sweep(raw: dict[str, Any], where: str = "sweep") -> Sweep:
         raise _fail(where, "n_images", f"{settings['n_images']} is not allowed; allowed: an integer >= 1")
     if not settings["delta"] > 0:
         raise _fail(where, "delta", f"{settings['delta']} is not allowed; allowed: a number > 0")
-    return Sweep(path=where, methods=methods, models=models, data=data, protocols=protocols,
-                 batch_sizes=_ints(_list(raw, "batch_sizes", where, [200]), "batch_sizes", where, 1),
-                 seeds=_ints(_list(raw, "seeds", where, [0]), "seeds", where), settings=settings)
+    sweep = Sweep(path=where, methods=methods, models=models, data=data, protocols=protocols,
+                  batch_sizes=_ints(_list(raw, "batch_sizes", where, [200]), "batch_sizes", where, 1),
+                  seeds=_ints(_list(raw, "seeds", where, [0]), "seeds", where), settings=settings)
+    if "select" in raw:
+        from eval.sweep_select import parse_selection
+
+        sweep.select = parse_selection(raw["select"], sweep, where)
+    return sweep
 
 
 def _parse_methods(raw: Any, where: str, tta) -> dict[str, dict[str, list[Any]]]:

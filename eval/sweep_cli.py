@@ -2,7 +2,8 @@
 
 The sweep file (TOML) is read and validated by :mod:`eval.sweep`; the cells run on Ray (:mod:`eval.sweep_ray`),
 started here unless ``--address`` names a cluster; the driver (:mod:`eval.sweep_driver`) writes the records, and
-:mod:`eval.sweep_report` the tables and plots over the whole grid.
+:mod:`eval.sweep_report` the tables and plots over the whole grid. A file with a ``[select]`` block runs as ``tta
+select`` does (:mod:`eval.select_cli`): the validation cells and the choice first, then the test cells.
 """
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
 
     # --plugin (every command's option) was imported by `tta` before parsing; the workers import it too
     sweep = load_sweep(args.file)
+    if sweep.select is not None:  # choose on the validation corruptions first, as tta select does
+        from eval.select_cli import run_selection_command
+
+        return run_selection_command(args, sweep)
     out = Path(args.out)
     if args.list:
         status = latest_status(out)

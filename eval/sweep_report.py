@@ -113,12 +113,14 @@ def sweep_tables(records: Sequence[dict[str, Any]]) -> list[SeedTable]:
     return list(tables.values())
 
 
-def write_sweep_report(records: Sequence[dict[str, Any]], out: str | Path, title: str = "sweep"
-                       ) -> list[SeedTable]:
-    """Write results.md, results_<table>.csv and errors_<table>.png into ``out``; returns the tables."""
+def write_sweep_report(records: Sequence[dict[str, Any]], out: str | Path, title: str = "sweep",
+                       preamble: str = "") -> list[SeedTable]:
+    """Write results.md, results_<table>.csv and errors_<table>.png into ``out``; returns the tables.
+    ``preamble``: Markdown put in results.md before the tables (``tta select``'s selected hyper-parameters)."""
     out = Path(out)
     tables = sweep_tables(records)
-    markdown = [f"# {title}\n", "Error in % (lower is better): mean over seeds ± sample standard deviation "
+    markdown = [f"# {title}\n", *([preamble] if preamble else []),
+                "Error in % (lower is better): mean over seeds ± sample standard deviation "
                 "(– with one seed); the last column is the mean over domains.\n"]
     for table in tables:
         markdown.append(table.to_markdown())

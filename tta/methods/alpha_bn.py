@@ -9,7 +9,7 @@ test side instead.) No training. Works at batch size 1 when alpha > 0.
 
 The paper's default alpha is [reconstructed] (METHODS.md): ours is chosen by measurement on the held-out
 validation corruptions only (speckle_noise, gaussian_blur, spatter, saturate), never on the 15 test corruptions;
-see ``ALPHA_SELECTION`` below and ``benchmarks/select_alpha.py``.
+see ``ALPHA_SELECTION`` below and ``benchmarks/select_alpha.toml`` (``tta select``).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from tta.registry import register
 DEFAULT_ALPHA = 0.5
 ALPHA_SELECTION = (
     "0.5: lowest error averaged over the 4 validation corruptions (severity 5) and batch sizes 16, 64 and 200, "
-    "CIFAR-10 ResNet-20 on 1,000 JPEG CIFAR-10 test images (benchmarks/select_alpha.py, 2026-11-22; "
-    "docs/defaults.md, docs/alpha_selection.json)"
+    "CIFAR-10 ResNet-20 on 1,000 JPEG CIFAR-10 test images (benchmarks/select_alpha.py, 2026-11-22, now "
+    "benchmarks/select_alpha.toml; docs/defaults.md, docs/alpha_selection.json)"
 )
 
 
