@@ -193,8 +193,10 @@ class Cotta(GradientAdapter):
                     self.skipped_steps += 1
                     break
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                self._backward(loss)
+                if not self._step_optimizer():  # float16 gradients overflowed: no step, a smaller loss scale
+                    self.skipped_steps += 1
+                    continue
                 ema_update(list(self.teacher.parameters()), self.params, self.options.teacher_momentum)
                 self._stochastic_restore()
         self.optimizer.zero_grad(set_to_none=True)
