@@ -22,7 +22,7 @@ from tta.norm_layers import (MixedBatchNorm, describe_norm_layers, find_batchnor
                              swap_batchnorms, undo_swaps)
 from tta.optim import make_optimizer
 from tta.options import GradientOptions, MethodOptions
-from tta.snapshot import Snapshot
+from tta.snapshot import Snapshot, weights_changed
 from tta.source_stats import FeatureTap
 from tta.validation import check_batch, expected_input_ndim, model_dtype
 
@@ -117,6 +117,7 @@ class Adapted(nn.Module):
             check_batch(x, method=self.name, ndim=self._input_ndim, dtype=self._dtype,
                         needs_batch_statistics=self.needs_batch_statistics)
         self._check_method_input(x)
+        weights_changed()  # a caller's autocast region may hold copies of weights from before the last call
         if self.options.episodic:
             self.reset()
         logits = self._predict_and_adapt(x)
@@ -298,7 +299,7 @@ class GradientAdapter(BatchNormAdapter):
                     self.skipped_steps += 1  # float16 gradients overflowed: no step, a smaller loss scale
                     continue
                 self._after_step()
-        self.optimizer.zero_grad(set_to_none=True)
+                weights_changed()
         return self._output(logits.detach())
 
     # -- loss scaling (float16 autocast on CUDA) -----------------------------------------------------------------
@@ -325,14 +326,17 @@ class GradientAdapter(BatchNormAdapter):
 
     def _step_optimizer(self) -> bool:
         """``optimizer.step()``; under loss scaling, unscale the gradients, step unless they overflowed, and update
-        the scale. Returns whether the step was taken (always, without scaling)."""
+        the scale. Returns whether the step was taken (always, without scaling). Autocast's cached copies of the
+        weights are dropped (:func:`~tta.snapshot.weights_changed`), so the next forward sees the new weights."""
         scaler = self._loss_scaler()
         if scaler is None:
             self.optimizer.step()
+            weights_changed()
             return True
         scale = scaler.get_scale()
         scaler.step(self.optimizer)
         scaler.update()
+        weights_changed()
         return scaler.get_scale() >= scale  # the scale backs off exactly when the step was skipped
 
     def _unscaled_gradients(self, params: list[torch.Tensor]) -> list[torch.Tensor] | None:

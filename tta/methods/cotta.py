@@ -52,7 +52,7 @@ from tta.augment import CottaAugment, RandomDraws, check_images, resolve_seed
 from tta.base import GradientAdapter
 from tta.options import GradientOptions, option
 from tta.registry import register
-from tta.snapshot import Snapshot
+from tta.snapshot import Snapshot, weights_changed
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -199,6 +199,7 @@ class Cotta(GradientAdapter):
                     continue
                 ema_update(list(self.teacher.parameters()), self.params, self.options.teacher_momentum)
                 self._stochastic_restore()
+                weights_changed()
         self.optimizer.zero_grad(set_to_none=True)
         return teacher.detach()
 

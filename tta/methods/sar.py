@@ -50,6 +50,7 @@ from tta.base import GradientAdapter
 from tta.methods.tent import softmax_entropy
 from tta.options import GradientOptions, option
 from tta.registry import register
+from tta.snapshot import weights_changed
 
 # The reference's top layers (module-name rule of MD/official SAR): ResNet layer4, ViT-B blocks 9-11, final norm.
 TOP_LAYER_PARTS = ("layer4", "blocks.9", "blocks.10", "blocks.11", "norm.")
@@ -156,6 +157,7 @@ class Sar(GradientAdapter):
             saved = [p.detach().clone() for p in moved]
             for p, g in zip(moved, grads):
                 p.add_(g * scale)
+        weights_changed()
         self.optimizer.zero_grad(set_to_none=True)
         with self._graph_mode(x):
             entropy_at_eps = softmax_entropy(self.model(x))[reliable]
@@ -166,6 +168,7 @@ class Sar(GradientAdapter):
         with torch.no_grad():
             for p, old in zip(moved, saved):
                 p.copy_(old)  # ... and applied at T
+        weights_changed()
         if loss_at_eps is None:
             self.filtered_steps += 1
             return logits.detach()
