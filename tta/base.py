@@ -317,12 +317,19 @@ class GradientAdapter(BatchNormAdapter):
         return self._scaler
 
     def _backward(self, loss: torch.Tensor) -> None:
-        """``loss.backward()``, with the loss scaled first when :meth:`_loss_scaler` says so."""
+        """``loss.backward()``, with the loss scaled first when :meth:`_loss_scaler` says so, and outside autocast:
+        autograd runs the backward under the autocast state of its caller, so inside a caller's region the gradient
+        kernels of float32 operations (softmax, cafa's distances) would run in float16/bfloat16 too (cafa's
+        gradients overflowed to NaN). Without autocast this is plain ``loss.backward()``."""
         scaler = self._loss_scaler()
-        if scaler is None:
-            loss.backward()
-        else:
-            scaler.scale(loss).backward()
+        device_type = self.params[0].device.type
+        outside = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) \
+            else contextlib.nullcontext()
+        with outside:
+            if scaler is None:
+                loss.backward()
+            else:
+                scaler.scale(loss).backward()
 
     def _step_optimizer(self) -> bool:
         """``optimizer.step()``; under loss scaling, unscale the gradients, step unless they overflowed, and update
