@@ -6,7 +6,8 @@
 # 2. tta bench on a randomly initialised torchvision ResNet-50 at 224 px, batch 64, every method, fp32 and bf16 AMP;
 # 3. tta corruption on ResNet-56 (real weights) over the 15 corruptions at severity 5 on the data subset, every
 #    method, reset protocol, batch 200, with the corruption generator on the GPU;
-# 4. tta bench as in 2 with bf16 and channels_last, and (where the option exists) the lean graph forced on.
+# 4. tta bench as in 2 with bf16 and channels_last, with fp16 (loss scaling) and channels_last, and (where the
+#    option exists) the lean graph forced on.
 # Needs only the core dependencies (torch, torchvision, numpy, tqdm, pillow; matplotlib for the plots).
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [DATA_DIR]}
@@ -38,6 +39,7 @@ step corruption_r56 150 "$PY" -m eval.cli corruption --model cifar10_resnet56 \
     --weights "$DATA/resnet56-4bfd9763.th" --data "$DATA/cifar10-subset" --corruptions all --severity 5 \
     --protocol reset --batch-size 200 --source-images 500 --device cuda --no-progress --out "$OUT/corruption_r56"
 step bench_r50_bf16_cl 120 "${BENCH[@]}" --amp --channels-last --out "$OUT/bench_r50_bf16_cl"
+step bench_r50_fp16_cl 120 "${BENCH[@]}" --amp fp16 --channels-last --out "$OUT/bench_r50_fp16_cl"
 if "$PY" -c "import sys, tta; sys.exit('lean_graph' not in tta.method_options('tent').__dataclass_fields__)"; then
     # the lean graph forced on, on the GPU (where the method option exists)
     step bench_r50_fp32_lean 90 "${BENCH[@]/all/tent,core,cafa}" --set tent.lean_graph=on --set core.lean_graph=on \

@@ -43,6 +43,7 @@ import tta
 from eval.bench_reference import ReferenceNorm, ReferenceTent
 from eval.environment import versions
 from eval.models import NormalizedModel, load_model, model_entry
+from eval.runner import autocast, check_amp
 from tta import accel
 from tta.accel.allocator import release_free_memory, settings as allocator_settings
 from tta.base import PARAMETER_FREE
@@ -90,7 +91,10 @@ class BenchConfig:
     methods: list[str] = field(default_factory=lambda: ["default"])
     batch_size: int = 200
     device: str = "cpu"
-    amp: bool = False
+    # autocast of every row, plain included: "bf16", "fp16" (gradient methods scale the loss on CUDA; the reference
+    # rows take unscaled steps, as paper code does) or None; True and False, as bench.json recorded them before
+    # fp16 existed, mean "bf16" and None.
+    amp: str | bool | None = None
     channels_last: bool = False
     compile: bool = False
     repeats: int = 5  # a quick look (its wall time: docs/performance.md); the published tables use 30
@@ -101,6 +105,10 @@ class BenchConfig:
     memory: str = "subprocess"
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.amp, bool):
+            self.amp = "bf16" if self.amp else None
+
     def validate(self) -> list[str]:
         """Check the settings (clear errors before any work) and return the rows to measure."""
         rows = row_names(self.methods)
@@ -109,6 +117,7 @@ class BenchConfig:
                              f"{', a CPU-only build' if torch.version.cuda is None else ''}); use --device cpu")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+        check_amp(self.amp, self.device)
         if self.batch_size < 2:
             raise ValueError("--batch-size must be at least 2 (norm, tent and cafa need batch statistics)")
         if self.repeats < 1 or self.warmup < 0:
@@ -175,8 +184,7 @@ class Row:
 
 
 def _autocast(config: BenchConfig) -> contextlib.AbstractContextManager:
-    device_type = "cuda" if config.device.startswith("cuda") else "cpu"
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.amp)
+    return autocast(config.device, config.amp)  # type: ignore[arg-type]  # a str or None after __post_init__
 
 
 def build_row(name: str, model: nn.Module, config: BenchConfig, source: dict[str, Any] | None = None) -> Row:

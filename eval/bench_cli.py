@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "parameters frozen. Plain inference is always measured")
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast for every row (plain included)")
+    parser.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
+                        help="autocast for every row (plain included): bf16 (also --amp alone) or fp16 (gradient "
+                             "methods scale the loss on CUDA)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last model and inputs, every row")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each row's model forward (compile time shows as first_batch_ms; a row "
@@ -130,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     result = run_bench(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     settings = (f"{config.model}, batch {config.batch_size}, {config.device}, threads "
-                f"{result['versions']['torch_threads']}, amp {config.amp}, channels_last {config.channels_last}, "
-                f"compile {config.compile}, repeats {config.repeats}, warm-up {config.warmup}, "
+                f"{result['versions']['torch_threads']}, amp {config.amp or 'off'}, channels_last "
+                f"{config.channels_last}, compile {config.compile}, repeats {config.repeats}, warm-up {config.warmup}, "
                 f"load average {result['machine']['start']['load_average']}, malloc "
                 f"{_malloc_note(result['machine']['start'].get('malloc'))}, CPU fast path "
                 f"{accel_note(result.get('accel'))}")

@@ -25,7 +25,7 @@ from eval.method_cli import resolved_options
 from eval.metrics import mce
 from eval.records import ResultsLog, write_json_atomic
 from eval.report import ErrorTable, write_report
-from eval.runner import MethodRun, run_methods
+from eval.runner import MethodRun, check_amp, run_methods
 from streams.corruption_photos import find_frost_dir
 from streams.protocols import corruption_names
 
@@ -34,9 +34,10 @@ _RESULT_FIELDS = ("model", "weights", "arch", "input_mean", "input_std", "guard_
                   "n_images", "seed", "domains", "class_map")
 
 #: Result fields added after folders were written, with the value a folder that predates them was run with: such a
-#: folder resumes when the field is at that value (``rounds``: before it existed, every stream was one round). They
-#: stay out of ``_RESULT_FIELDS``, whose keys a sweep records per cell and compares as they are.
-_RESULT_FIELDS_SINCE = {"rounds": 1}
+#: folder resumes when the field is at that value (``rounds``: before it existed, every stream was one round;
+#: ``amp``, ``channels_last``: float32, contiguous). They stay out of ``_RESULT_FIELDS``, whose keys a sweep records
+#: per cell and compares as they are (a sweep records these only when they differ from that value).
+_RESULT_FIELDS_SINCE = {"rounds": 1, "amp": None, "channels_last": False}
 
 #: Options of earlier versions that never changed results and are no longer recorded (``lean_graph``, tta 0.1: the
 #: same gradients bit for bit; a deprecated, unrecorded option since 0.2): a folder that recorded them resumes.
@@ -86,6 +87,10 @@ class BenchmarkConfig:
     prefetch: int | None = None  # batches made ahead in a thread (0: in the loop; None: 2 on CUDA, 0 on CPU)
     deterministic: bool = False  # recorded only: eval.determinism.enable_deterministic is process-wide
     corrupt_device: str | None = None  # where batches are made and corrupted (None: ``device``)
+    # Mixed precision: every adapter call under torch.autocast with bfloat16 ("bf16") or float16 ("fp16"; gradient
+    # methods scale the loss on CUDA), None for float32. Results change with it (a different run on resume).
+    amp: str | None = None
+    channels_last: bool = False  # model and 4-D batches in channels_last memory format (faster convolutions on GPU)
 
 
 def _check_same_run(path: Path, config: BenchmarkConfig, resolved: dict[str, dict[str, Any]]) -> None:
@@ -189,11 +194,15 @@ def _build_stream(config: BenchmarkConfig):
 
 
 def _fresh_copy(model: nn.Module, config: "BenchmarkConfig") -> Callable[[], nn.Module]:
-    """Fresh copies of an in-memory model, each in its original (source) state."""
+    """Fresh copies of an in-memory model, each in its original (source) state, on ``config.device`` (4-D weights
+    in channels_last memory format with ``config.channels_last``, before any adapter copies or swaps layers)."""
     template = copy.deepcopy(model).cpu()
 
     def fresh() -> nn.Module:
-        return copy.deepcopy(template).to(config.device).eval()
+        copied = copy.deepcopy(template).to(config.device)
+        if config.channels_last:
+            copied = copied.to(memory_format=torch.channels_last)
+        return copied.eval()
 
     return fresh
 
@@ -283,6 +292,7 @@ def run_benchmark(config: BenchmarkConfig, model: nn.Module | None = None, repor
     unknown = [m for m in config.methods if m not in tta.methods()]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; registered: {', '.join(tta.methods())}")
+    check_amp(config.amp, config.device)
     resolved = {m: resolved_options(m, config.method_options.get(m, {})) for m in config.methods}
     _check_same_run(out / "config.json", config, resolved)
     torch.manual_seed(config.seed)
@@ -307,7 +317,7 @@ def run_benchmark(config: BenchmarkConfig, model: nn.Module | None = None, repor
     log = ResultsLog(out / "results.jsonl")
     for (batch_size, n_images), methods in method_streams(config).items():
         context = {"protocol": config.protocol, "seed": config.seed, "model": config.model,
-                   "batch_size": batch_size, "n_images": n_images}
+                   "batch_size": batch_size, "n_images": n_images, **precision_context(config)}
         runs = []
         for method in methods:
             options = {**config.method_options.get(method, {}), **from_source.get(method, {})}
@@ -320,15 +330,28 @@ def run_benchmark(config: BenchmarkConfig, model: nn.Module | None = None, repor
                     make_adapter=lambda m=method, o=options, g=guard: tta.CollapseGuard(
                         tta.adapt(make_model(), m, **o), **g)))
         run_methods(runs, group_streams[batch_size, n_images], log, context=context, checkpoint_dir=out / "checkpoints",
-                    device=config.device, progress=config.progress, prefetch=config.prefetch)
+                    device=config.device, progress=config.progress, prefetch=config.prefetch, amp=config.amp,
+                    channels_last=config.channels_last)
     if not report:
         return {}
     records = log.read()
-    tables = write_report(records, out, title=f"{config.model} on {Path(config.data).name}")
+    precision = (f", {config.amp} autocast" if config.amp else "") + (", channels_last" if config.channels_last else "")
+    tables = write_report(records, out, title=f"{config.model} on {Path(config.data).name}{precision}")
     _note_method_streams(config, out)
     if config.baseline:
         _write_mce(records, config, out)
     return tables
+
+
+def precision_context(config: BenchmarkConfig) -> dict[str, Any]:
+    """What each record says of the run's precision and memory format: ``amp`` and ``channels_last`` when they
+    are on (a record without them was float32 and contiguous, as every record written before they existed)."""
+    context: dict[str, Any] = {}
+    if config.amp is not None:
+        context["amp"] = config.amp
+    if config.channels_last:
+        context["channels_last"] = True
+    return context
 
 
 def _note_method_streams(config: BenchmarkConfig, out: Path) -> None:

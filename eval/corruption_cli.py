@@ -71,6 +71,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-images", type=int, default=None, help="seeded random subset per domain (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--amp", default=None, choices=["bf16", "fp16"],
+                        help="mixed precision: every method's call under torch.autocast with bfloat16 or float16 "
+                             "(gradient methods scale float16 losses on CUDA); recorded, and part of the run: a "
+                             "folder resumes only with the same setting (default: float32)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="model and batches in channels_last memory format (faster convolutions on GPUs; on CPU "
+                             "the same errors within rounding); recorded, and part of the run like --amp")
     parser.add_argument("--out", required=True, help="output folder; rerunning with the same folder resumes")
     parser.add_argument("--source-images", type=int, default=2000,
                         help="labelled source images (from --source-split) for cafa's class statistics")
@@ -149,7 +156,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> BenchmarkConfig:
         baseline=getattr(args, "baseline", None), progress=not args.no_progress, prefetch=args.prefetch,
         guard=args.collapse_guard, guard_window=args.guard_window, guard_min_entropy=args.guard_min_entropy,
         deterministic=getattr(args, "deterministic", False), corrupt_device=getattr(args, "corrupt_device", None),
-        **overrides)
+        amp=args.amp, channels_last=args.channels_last, **overrides)
 
 
 def print_tables(tables, out: str) -> None:

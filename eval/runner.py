@@ -6,11 +6,18 @@ results file, done segments are skipped. Inside a chain of segments without rese
 round of a protocol with rounds), the adapter state after each segment is checkpointed atomically, so an
 interrupted run continues from the last finished segment; if a checkpoint is missing, the chain is replayed
 silently from its last reset (results are deterministic on CPU).
+
+Mixed precision (``amp``): every adapter call runs under ``torch.autocast`` of the device with bfloat16 or float16
+(gradient methods scale float16 losses on CUDA themselves, :class:`tta.base.GradientAdapter`); the metrics read the
+logits in float32. ``channels_last`` puts each 4-D batch in that memory format (the model is the factory's to
+convert, :func:`eval.corruption_benchmark.model_factory`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -32,6 +39,36 @@ class MethodRun:
     label: str
     make_adapter: Callable[[], Adapted]
     options: dict[str, Any] = field(default_factory=dict)
+
+
+#: ``--amp`` values and the autocast dtype each stands for.
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_amp(amp: str | None, device: torch.device | str) -> None:
+    """Refuse an ``amp`` setting that is unknown, or that this torch cannot honour on ``device``: ``torch.autocast``
+    turns itself off with a warning for a dtype the device type does not support, and a run would then be recorded
+    as mixed precision while computing in float32."""
+    if amp is None:
+        return
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"--amp must be one of {', '.join(AMP_DTYPES)} (or left out for float32), got {amp!r}")
+    device_type = torch.device(device).type
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning autocast gives when it turns itself off
+        with torch.autocast(device_type, dtype=AMP_DTYPES[amp]):
+            enabled = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == \
+                AMP_DTYPES[amp]
+    if not enabled:
+        raise ValueError(f"--amp {amp}: torch {torch.__version__} cannot autocast to {AMP_DTYPES[amp]} on {device} "
+                         f"(is the device there?); use --amp {'bf16' if amp == 'fp16' else 'fp16'} or leave --amp out")
+
+
+def autocast(device: torch.device | str, amp: str | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` of ``device``'s type with the dtype ``amp`` names; a null context for None."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[amp])
 
 
 def _save_checkpoint(path: Path, segment: int, adapter: Adapted) -> None:
@@ -91,16 +128,21 @@ def _batches(stream, segment: int, progress: str | None, prefetch_depth: int = 0
 
 
 def _run_segment(adapters: dict[str, Adapted], stream, segment: int, device: torch.device,
-                 progress: str | None, prefetch_depth: int = 0) -> dict[str, tuple[_SegmentResult, float]]:
+                 progress: str | None, prefetch_depth: int = 0, amp: str | None = None,
+                 channels_last: bool = False) -> dict[str, tuple[_SegmentResult, float]]:
     """Feed every batch of the segment to every adapter (each batch is produced, i.e. corrupted, once, up to
-    ``prefetch_depth`` batches ahead in a background thread)."""
+    ``prefetch_depth`` batches ahead in a background thread), each call under ``amp``'s autocast."""
     results = {label: _SegmentResult(len(stream.domains)) for label in adapters}
     seconds = dict.fromkeys(adapters, 0.0)
     for batch in _batches(stream, segment, progress, prefetch_depth, pin=device.type == "cuda"):
         x = batch.x.to(device, non_blocking=True)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         for label, adapter in adapters.items():
             start = time.perf_counter()
-            logits = adapter(x).detach()
+            with autocast(device, amp):
+                logits = adapter(x).detach()
+            logits = logits.float()  # float16/bfloat16 under autocast; the metrics work in float32
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds[label] += time.perf_counter() - start
@@ -110,8 +152,13 @@ def _run_segment(adapters: dict[str, Adapted], stream, segment: int, device: tor
 
 def run_methods(runs: list[MethodRun], stream, log: ResultsLog, *, context: dict[str, Any], checkpoint_dir: Path,
                 device: torch.device | str = "cpu", progress: bool = True,
-                prefetch: int | None = None) -> list[dict[str, Any]]:
+                prefetch: int | None = None, amp: str | None = None,
+                channels_last: bool = False) -> list[dict[str, Any]]:
     """Evaluate several methods side by side over every segment; returns the records written now.
+
+    ``amp``: ``"bf16"`` or ``"fp16"`` runs every adapter call under that autocast (:data:`AMP_DTYPES`; checked
+    with :func:`check_amp`), None in float32. ``channels_last``: batches in channels_last memory format (the
+    adapters' models should be too). Neither is recorded here: the caller's ``context`` says so.
 
     ``prefetch``: batches made ahead in a background thread (0: made in the loop; None: 2 on CUDA, where the CPU is
     otherwise idle while the GPU adapts, 0 on CPU, where the thread would compete with the model's own threads).
@@ -122,6 +169,7 @@ def run_methods(runs: list[MethodRun], stream, log: ResultsLog, *, context: dict
     does when it ran that segment in this process; otherwise its checkpoint is loaded, or the chain is replayed.
     """
     device = torch.device(device)
+    check_amp(amp, device)
     if prefetch is None:
         prefetch = 2 if device.type == "cuda" else 0
     timings = ResultsLog(log.path.with_name("timings.jsonl"))
@@ -145,11 +193,12 @@ def run_methods(runs: list[MethodRun], stream, log: ResultsLog, *, context: dict
                 adapter.reset()  # replay the chain from its last reset, recording nothing
                 for replay in range(chain_start, s):
                     _run_segment({label: adapter}, stream, replay, device,
-                                 f"{label} {segments[replay].name} (replay)" if progress else None, prefetch)
+                                 f"{label} {segments[replay].name} (replay)" if progress else None, prefetch,
+                                 amp, channels_last)
         if not active:
             continue
         results = _run_segment(active, stream, s, device, f"{segment.name} [{s + 1}/{len(segments)}]"
-                               if progress else None, prefetch)
+                               if progress else None, prefetch, amp, channels_last)
         for label, (result, seconds) in results.items():
             position[label] = s
             if s + 1 < len(segments) and not segments[s + 1].reset_before:

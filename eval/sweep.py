@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 TOP_LEVEL_KEYS = ("methods", "models", "data", "protocols", "batch_sizes", "seeds", "n_images", "delta", "device",
-                  "deterministic", "source_images", "source_split", "select")
+                  "deterministic", "source_images", "source_split", "select", "amp", "channels_last")
+AMP_VALUES = ("bf16", "fp16")  # a sweep's ``amp``: every cell under that autocast (left out: float32)
 MODEL_KEYS = ("name", "model", "weights", "arch", "input_mean", "input_std", "num_classes", "download")
 DATA_KEYS = ("name", "path", "split", "corruptions", "severities", "domains", "source_data", "n_images")
 
@@ -183,9 +184,9 @@ def parse_sweep(raw: dict[str, Any], where: str = "sweep") -> Sweep:
     if "gradual" in protocols and any("domains" in d for d in data):
         raise _fail(where, "protocols", "'gradual' needs corruptions; a data entry with domains cannot run it")
     settings: dict[str, Any] = {"n_images": None, "delta": 0.1, "device": "cpu", "deterministic": False,
-                                "source_images": 2000, "source_split": "train"}
+                                "source_images": 2000, "source_split": "train", "amp": None, "channels_last": False}
     for key, kind in (("n_images", int), ("delta", float), ("device", str), ("deterministic", bool),
-                      ("source_images", int), ("source_split", str)):
+                      ("source_images", int), ("source_split", str), ("amp", str), ("channels_last", bool)):
         if key in raw:
             value = raw[key]
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -197,6 +198,9 @@ def parse_sweep(raw: dict[str, Any], where: str = "sweep") -> Sweep:
         raise _fail(where, "n_images", f"{settings['n_images']} is not allowed; allowed: an integer >= 1")
     if not settings["delta"] > 0:
         raise _fail(where, "delta", f"{settings['delta']} is not allowed; allowed: a number > 0")
+    if settings["amp"] is not None and settings["amp"] not in AMP_VALUES:
+        raise _fail(where, "amp", f"{settings['amp']!r} is not allowed; allowed: "
+                    f"{', '.join(repr(v) for v in AMP_VALUES)} (leave it out for float32)")
     sweep = Sweep(path=where, methods=methods, models=models, data=data, protocols=protocols,
                   batch_sizes=_ints(_list(raw, "batch_sizes", where, [200]), "batch_sizes", where, 1),
                   seeds=_ints(_list(raw, "seeds", where, [0]), "seeds", where), settings=settings)

@@ -33,18 +33,21 @@ def cell_config(cell: Cell, out: str):
         n_images=data.get("n_images", settings.get("n_images")), seed=cell.seed, device=settings.get("device", "cpu"),
         domains=list(domains) if domains is not None else None, source_data=data.get("source_data"),
         source_split=settings.get("source_split", "train"), source_images=settings.get("source_images", 2000),
-        progress=False, deterministic=bool(settings.get("deterministic", False)))
+        progress=False, deterministic=bool(settings.get("deterministic", False)), amp=settings.get("amp"),
+        channels_last=bool(settings.get("channels_last", False)))
 
 
 def result_fields(cell: Cell) -> dict[str, Any]:
     """The settings of a cell that its records depend on: a rerun into the same folder must agree on them."""
     import dataclasses
 
-    from eval.corruption_benchmark import _RESULT_FIELDS
+    from eval.corruption_benchmark import _RESULT_FIELDS, _RESULT_FIELDS_SINCE
     from eval.method_cli import resolved_options
 
     config = dataclasses.asdict(cell_config(cell, ""))
     fields = {k: config[k] for k in _RESULT_FIELDS}
+    # fields added later, only where they differ from what a cell run before they existed had: those cells resume
+    fields.update({k: config[k] for k, then in _RESULT_FIELDS_SINCE.items() if config[k] != then})
     fields["options"] = resolved_options(cell.method, dict(cell.options))
     fields["source"] = {k: config[k] for k in ("source_data", "source_split", "source_images")}
     return json_roundtrip(fields)

@@ -1,5 +1,7 @@
 """The GPU path: every method, the stream with its corruption generator, the corruption runner and `tta bench`
-on CUDA, checked against the CPU. Skipped without a CUDA device (`benchmarks/gpu_check.sh` runs them on one)."""
+on CUDA, checked against the CPU; float16 autocast with each gradient method's loss scaler, and the runner's
+--amp and --channels-last. Skipped without a CUDA device (`benchmarks/gpu_check.sh` runs them on one). The same
+logic runs on the CPU in tests/test_amp.py, with a GradScaler forced there (CUDA alone scales losses)."""
 from __future__ import annotations
 
 import pytest
@@ -9,8 +11,10 @@ import streams
 import tta
 from tests.method_cases import method_class, source_options
 from tests.tta_nets import conv_net
+from tta.base import GradientAdapter
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+GRADIENT_METHODS = [m for m in tta.methods() if issubclass(method_class(m), GradientAdapter)]
 
 
 def _adapt(method: str, model: torch.nn.Module, device: str) -> tta.Adapted:
@@ -89,7 +93,7 @@ def test_corruption_run_on_cuda_gives_the_cpu_errors(tmp_path):
         assert abs(error - errors[1][key]) <= 100 * 2 / 128, key  # at most two of 128 predictions differ
 
 
-@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("amp", [False, True, "fp16"])  # True: bf16, as bench.json recorded it before fp16
 def test_bench_on_cuda_measures_every_row(amp):
     from eval.bench import BenchConfig, run_bench
 
@@ -100,6 +104,70 @@ def test_bench_on_cuda_measures_every_row(amp):
     assert not [m for m, r in rows.items() if r["error"]], {m: r["error"] for m, r in rows.items()}
     for name in tta.methods():
         assert rows[name]["ms_per_batch"] > 0 and rows[name]["peak_memory_mb"] > 0
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_fp16_autocast_on_cuda_scales_the_loss_and_stays_near_float32(method):
+    """Under float16 autocast on CUDA each gradient method steps through the GradScaler it owns: made at its first
+    step, carried by state_dict, forgotten by reset(). Its outputs stay near float32's on the same GPU: float16
+    rounding, and at most a first step skipped while the scale (2**16 at first) backs off to fit."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(16, 3, 12, 12, generator=g) for _ in range(4)]
+    outputs = {}
+    for amp in (False, True):
+        adapted = _adapt(method, conv_net().cuda(), "cuda")
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            outputs[amp] = [adapted(x.cuda()).detach().float().cpu() for x in batches]
+    scaler = adapted._scaler
+    assert scaler is not None and scaler.is_enabled(), "no loss scaling under float16 autocast on CUDA"
+    assert adapted.get_extra_state()["loss_scaler"]["scale"] == scaler.get_scale() <= 2.0 ** 16
+    assert all(bool(torch.isfinite(p).all()) for p in adapted.params)
+    for plain, half in zip(outputs[False], outputs[True]):
+        assert bool(torch.isfinite(half).all())
+        assert torch.allclose(plain, half, atol=0.05, rtol=0.05), (plain - half).abs().max()
+    adapted.reset()
+    assert adapted._scaler is None and "loss_scaler" not in adapted.get_extra_state()
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_fp16_overflow_on_cuda_skips_the_step_and_backs_the_scale_off(method):
+    """A loss scale of 2**60 overflows every float16 gradient: the step is skipped (SAR's already at its first,
+    perturbing pass), counted, the parameters do not move, and the scale halves."""
+    adapted = _adapt(method, conv_net().cuda(), "cuda")
+    adapted._scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 60)
+    start = [p.detach().clone() for p in adapted.params]
+    x = torch.rand(16, 3, 12, 12, generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        adapted(x)
+    assert adapted.skipped_steps >= 1 and adapted._scaler.get_scale() < 2.0 ** 60
+    assert all(torch.equal(p, s) for p, s in zip(adapted.params, start)), "a step with overflowed gradients moved"
+
+
+def test_corruption_run_on_cuda_with_amp_and_channels_last_records_them(tmp_path):
+    """The runner on CUDA under fp16 (loss scaling) with channels_last, and under bf16: every record says so,
+    and the errors stay within a few predictions of float32's."""
+    from eval.corruption_benchmark import BenchmarkConfig, run_benchmark
+    from eval.demo import train_digits_cnn
+    from eval.records import ResultsLog
+
+    model = train_digits_cnn(epochs=2, log=False)
+    errors = []
+    for run, settings in enumerate(({}, {"amp": "fp16", "channels_last": True}, {"amp": "bf16"})):
+        config = BenchmarkConfig(out=str(tmp_path / f"run{run}"), model="digits_cnn", data="digits",
+                                 methods=["source", "norm", "tent", "sar", "memo"],
+                                 corruptions=["gaussian_noise", "contrast"], severity=3, batch_size=64, n_images=128,
+                                 method_n_images={"memo": 32}, device="cuda", progress=False, **settings)
+        run_benchmark(config, model=model)
+        records = ResultsLog(tmp_path / f"run{run}" / "results.jsonl").read()
+        assert all(r.get("amp") == settings.get("amp") for r in records)
+        assert all(r.get("channels_last", False) == settings.get("channels_last", False) for r in records)
+        errors.append({(r["method"], r["corruption"]): (r["error"], r["n"]) for r in records})
+    assert errors[0].keys() == errors[1].keys() == errors[2].keys() and len(errors[0]) == 10
+    for key, (error, n) in errors[0].items():
+        for other in errors[1:]:
+            assert abs(other[key][0] - error) <= 6 / n, (key, error, other[key][0])
 
 
 def test_lean_graph_on_cuda_gives_autograd_gradients():

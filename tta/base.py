@@ -22,7 +22,7 @@ from tta.norm_layers import (MixedBatchNorm, describe_norm_layers, find_batchnor
                              swap_batchnorms, undo_swaps)
 from tta.optim import make_optimizer
 from tta.options import GradientOptions, MethodOptions
-from tta.snapshot import Snapshot
+from tta.snapshot import Snapshot, weights_changed
 from tta.source_stats import FeatureTap
 from tta.validation import check_batch, expected_input_ndim, model_dtype
 
@@ -117,6 +117,7 @@ class Adapted(nn.Module):
             check_batch(x, method=self.name, ndim=self._input_ndim, dtype=self._dtype,
                         needs_batch_statistics=self.needs_batch_statistics)
         self._check_method_input(x)
+        weights_changed()  # a caller's autocast region may hold copies of weights from before the last call
         if self.options.episodic:
             self.reset()
         logits = self._predict_and_adapt(x)
@@ -223,12 +224,25 @@ class GradientAdapter(BatchNormAdapter):
     under :class:`tta.accel.lean_graph.LeanGraph` (fewer saved activations, the same gradients).
     A step whose loss is not finite (e.g. from inputs so large that the network overflows) is skipped, so one bad
     batch cannot poison the parameters; ``skipped_steps`` counts them.
+
+    Loss scaling: float16 gradients underflow (and overflow) where float32 ones do not, so a step that runs under
+    float16 autocast on CUDA (``torch.autocast("cuda", dtype=torch.float16)`` around the adapter call) goes through
+    a :class:`torch.amp.GradScaler` the adapter owns (:meth:`_loss_scaler`): the loss is scaled before backward,
+    the gradients unscaled before the optimizer step, and a step whose scaled gradients overflowed is skipped
+    (counted in ``skipped_steps``) while the scale backs off. ``reset()`` forgets the scaler (a fresh one starts at
+    the initial scale), ``state_dict()`` carries its state once one exists. Every other step (float32, bfloat16
+    autocast, float16 autocast on the CPU) takes exactly the unscaled path. Methods that write their own step call
+    :meth:`_backward` and :meth:`_step_optimizer` (and :meth:`_unscaled_gradients` to read gradients between the
+    two), so that every gradient method gets the same scaling.
     """
 
     Options: ClassVar[type] = GradientOptions
     updates: ClassVar[str] = "norm affine"
     layers: ClassVar[str] = NORM_LAYERS
     may_skip_update: ClassVar[bool] = True
+    # float16 loss scaling: made on first use (_loss_scaler), forgotten by reset(); a class default, so subclasses
+    # with their own _setup (rotta) have it too.
+    _scaler: torch.amp.GradScaler | None = None
 
     def _setup(self) -> None:
         if self.options.lean_graph is not None:  # deprecated option; checked before the model is touched
@@ -280,11 +294,77 @@ class GradientAdapter(BatchNormAdapter):
                     self.skipped_steps += 1
                     break
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                self._backward(loss)
+                if not self._step_optimizer():
+                    self.skipped_steps += 1  # float16 gradients overflowed: no step, a smaller loss scale
+                    continue
                 self._after_step()
-        self.optimizer.zero_grad(set_to_none=True)
+                weights_changed()
         return self._output(logits.detach())
+
+    # -- loss scaling (float16 autocast on CUDA) -----------------------------------------------------------------
+    def _loss_scaler(self) -> torch.amp.GradScaler | None:
+        """The adapter's GradScaler when the step runs under float16 autocast on CUDA (created on first use), else
+        None: bfloat16 has float32's exponent range and needs no scaling, and on the CPU float16 autocast takes the
+        plain path too (loss scaling is the CUDA recipe of mixed precision; CPU steps stay on the one path that
+        every CPU test checks)."""
+        device = self.params[0].device
+        if device.type != "cuda" or not torch.is_autocast_enabled(device.type) \
+                or torch.get_autocast_dtype(device.type) != torch.float16:
+            return None
+        if self._scaler is None:
+            self._scaler = torch.amp.GradScaler(device.type)
+        return self._scaler
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, with the loss scaled first when :meth:`_loss_scaler` says so, and outside autocast:
+        autograd runs the backward under the autocast state of its caller, so inside a caller's region the gradient
+        kernels of float32 operations (softmax, cafa's distances) would run in float16/bfloat16 too (cafa's
+        gradients overflowed to NaN). Without autocast this is plain ``loss.backward()``."""
+        scaler = self._loss_scaler()
+        device_type = self.params[0].device.type
+        outside = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) \
+            else contextlib.nullcontext()
+        with outside:
+            if scaler is None:
+                loss.backward()
+            else:
+                scaler.scale(loss).backward()
+
+    def _step_optimizer(self) -> bool:
+        """``optimizer.step()``; under loss scaling, unscale the gradients, step unless they overflowed, and update
+        the scale. Returns whether the step was taken (always, without scaling). Autocast's cached copies of the
+        weights are dropped (:func:`~tta.snapshot.weights_changed`), so the next forward sees the new weights."""
+        scaler = self._loss_scaler()
+        if scaler is None:
+            self.optimizer.step()
+            weights_changed()
+            return True
+        scale = scaler.get_scale()
+        scaler.step(self.optimizer)
+        scaler.update()
+        weights_changed()
+        return scaler.get_scale() >= scale  # the scale backs off exactly when the step was skipped
+
+    def _unscaled_gradients(self, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The gradients of ``params`` as the loss gives them, read between :meth:`_backward` and the step (SAR's
+        perturbation): the ``.grad`` tensors themselves without scaling; under scaling, new tensors divided by the
+        scale, or None when they overflowed (the scale then backs off; the caller skips the step). The ``.grad``
+        tensors stay scaled, so a later :meth:`_step_optimizer` unscales them as usual."""
+        grads = [p.grad for p in params]
+        scaler = self._loss_scaler()
+        if scaler is None:
+            return grads
+        scale = scaler.get_scale()
+        grads = [g / scale for g in grads]
+        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            scaler.update(scale * scaler.get_backoff_factor())
+            return None
+        return grads
+
+    def reset(self) -> None:
+        super().reset()
+        self._scaler = None
 
     def _after_step(self) -> None:
         """What a method does after each optimizer step (e.g. ensembling the weights with the source)."""
@@ -309,7 +389,10 @@ class GradientAdapter(BatchNormAdapter):
         super()._teardown()
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "optimizer": self.optimizer.state_dict()}
+        state = {**super().get_extra_state(), "optimizer": self.optimizer.state_dict()}
+        if self._scaler is not None:  # only once float16 scaling ran: other state dicts are as they always were
+            state["loss_scaler"] = self._scaler.state_dict()
+        return state
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
@@ -317,3 +400,7 @@ class GradientAdapter(BatchNormAdapter):
             # Optimizer.load_state_dict keeps the given moment tensors (same dtype/device): copy them, or two
             # adapters loaded from one state dict would share (and doubly update) Adam's moments.
             self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self._scaler = None
+        if state.get("loss_scaler"):  # plain numbers (scale, growth tracker): a weights_only load reads them
+            self._scaler = torch.amp.GradScaler(self.params[0].device.type)
+            self._scaler.load_state_dict(state["loss_scaler"])

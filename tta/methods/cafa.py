@@ -141,10 +141,14 @@ class Cafa(GradientAdapter):
                              persistent=False)
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, C) squared Mahalanobis distances of the features to the source class means."""
-        if self.tied_distances is not None:
-            return self.tied_distances(features)
-        return mahalanobis_squared(features, self.class_means, self.precision)
+        """(B, C) squared Mahalanobis distances of the features to the source class means, in the model's dtype
+        even under autocast: the expanded form cancels large terms, and a precision matrix's entries overflow
+        float16 (every step was skipped as non-finite) or lose the distances to bfloat16's 8-bit mantissa."""
+        with torch.autocast(features.device.type, enabled=False):
+            features = features.to(self.class_means.dtype)  # float16/bfloat16 features under autocast
+            if self.tied_distances is not None:
+                return self.tied_distances(features)
+            return mahalanobis_squared(features, self.class_means, self.precision)
 
     def loss(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         features = self._recorder.features

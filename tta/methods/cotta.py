@@ -52,7 +52,7 @@ from tta.augment import CottaAugment, RandomDraws, check_images, resolve_seed
 from tta.base import GradientAdapter
 from tta.options import GradientOptions, option
 from tta.registry import register
-from tta.snapshot import Snapshot
+from tta.snapshot import Snapshot, weights_changed
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -193,10 +193,13 @@ class Cotta(GradientAdapter):
                     self.skipped_steps += 1
                     break
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                self._backward(loss)
+                if not self._step_optimizer():  # float16 gradients overflowed: no step, a smaller loss scale
+                    self.skipped_steps += 1
+                    continue
                 ema_update(list(self.teacher.parameters()), self.params, self.options.teacher_momentum)
                 self._stochastic_restore()
+                weights_changed()
         self.optimizer.zero_grad(set_to_none=True)
         return teacher.detach()
 

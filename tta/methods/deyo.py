@@ -225,8 +225,9 @@ class Deyo(GradientAdapter):
             self.skipped_steps += 1
             return logits.detach()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self._backward(loss)
+        if not self._step_optimizer():  # float16 gradients overflowed: no step, a smaller loss scale
+            self.skipped_steps += 1
         return logits.detach()
 
     def reset(self) -> None:

@@ -147,8 +147,9 @@ class Eta(GradientAdapter):
                         self.probs_average = update_probability_average(
                             self.probs_average, logits.detach()[selected].softmax(1), self.options.probs_momentum)
                     self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.optimizer.step()
+                    self._backward(loss)
+                    if not self._step_optimizer():  # float16 gradients overflowed: a smaller loss scale
+                        self.skipped_steps += 1
                 self._after_step()
                 if stop:
                     break

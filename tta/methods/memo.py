@@ -153,8 +153,9 @@ class Memo(GradientAdapter):
                         self.skipped_steps += 1
                         break
                     self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.optimizer.step()
+                    self._backward(loss)
+                    if not self._step_optimizer():  # float16 gradients overflowed: a smaller loss scale
+                        self.skipped_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 outputs.append(self.model(image[None]))

@@ -367,8 +367,9 @@ class Rotta(GradientAdapter):
                             tensor.copy_(value)
                     return
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                self._backward(loss)
+                if not self._step_optimizer():  # float16 gradients overflowed: a smaller loss scale
+                    self.skipped_steps += 1
                 self.optimizer.zero_grad(set_to_none=True)
         finally:
             for layer in robust:

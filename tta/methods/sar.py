@@ -50,6 +50,7 @@ from tta.base import GradientAdapter
 from tta.methods.tent import softmax_entropy
 from tta.options import GradientOptions, option
 from tta.registry import register
+from tta.snapshot import weights_changed
 
 # The reference's top layers (module-name rule of MD/official SAR): ResNet layer4, ViT-B blocks 9-11, final norm.
 TOP_LAYER_PARTS = ("layer4", "blocks.9", "blocks.10", "blocks.11", "norm.")
@@ -141,27 +142,33 @@ class Sar(GradientAdapter):
         if not bool(torch.isfinite(loss)):
             self.skipped_steps += 1
             return logits.detach()
-        loss.backward()
+        self._backward(loss)
         with torch.no_grad():  # Eqn. (4): eps = rho * g / ||g||, applied in place
             moved = [p for p in self.params if p.grad is not None]
             if not moved:  # no trained tensor reaches the loss
                 self.filtered_steps += 1
                 return logits.detach()
-            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in moved]))
+            grads = self._unscaled_gradients(moved)  # g itself (float16 loss scaling: divided by the scale)
+            if grads is None:  # float16 gradients overflowed: no step, a smaller loss scale
+                self.skipped_steps += 1
+                return logits.detach()
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             scale = self.options.rho / (grad_norm + 1e-12)
             saved = [p.detach().clone() for p in moved]
-            for p in moved:
-                p.add_(p.grad * scale)
+            for p, g in zip(moved, grads):
+                p.add_(g * scale)
+        weights_changed()
         self.optimizer.zero_grad(set_to_none=True)
         with self._graph_mode(x):
             entropy_at_eps = softmax_entropy(self.model(x))[reliable]
         still_reliable = entropy_at_eps < e0  # the second filtering, at T + eps
         loss_at_eps = entropy_at_eps[still_reliable].mean() if bool(still_reliable.any()) else None
         if loss_at_eps is not None and bool(torch.isfinite(loss_at_eps)):
-            loss_at_eps.backward()  # Eqn. (5): the sharpness-aware gradient, taken at T + eps ...
+            self._backward(loss_at_eps)  # Eqn. (5): the sharpness-aware gradient, taken at T + eps ...
         with torch.no_grad():
             for p, old in zip(moved, saved):
                 p.copy_(old)  # ... and applied at T
+        weights_changed()
         if loss_at_eps is None:
             self.filtered_steps += 1
             return logits.detach()
@@ -169,7 +176,9 @@ class Sar(GradientAdapter):
         if not math.isfinite(value):
             self.skipped_steps += 1
             return logits.detach()
-        self.optimizer.step()
+        if not self._step_optimizer():  # float16 gradients overflowed: no step, a smaller loss scale
+            self.skipped_steps += 1
+            return logits.detach()
         gamma = self.options.ema_momentum  # model recovery: e_m = gamma * e_m + (1 - gamma) * E^SA
         self.ema = value if self.ema is None else gamma * self.ema + (1 - gamma) * value
         if self.ema < self.options.reset_constant:
