@@ -23,8 +23,28 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     return ResultsLog(path).read()
 
 
+EXPERIENCE, SUMMARY = "experience", "summary"
+
+
+def kind_of(record: dict[str, Any]) -> str:
+    """A record's kind: ``"experience"`` (one row of the accuracy matrix) or ``"summary"`` (a seed's metrics, after
+    its last experience). Records written before kinds existed have no ``kind``: they are experience records."""
+    return record.get("kind", EXPERIENCE)
+
+
+def experience_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The experience records among ``records`` (summary records left out), in file order."""
+    return [record for record in records if kind_of(record) == EXPERIENCE]
+
+
+def summary_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-seed summary records among ``records``, in file order."""
+    return [record for record in records if kind_of(record) == SUMMARY]
+
+
 def latest_by_key(records: Iterable[dict[str, Any]], keys: tuple[str, ...] = ("seed", "experience")) -> list[dict]:
-    """One record per key (the last one written wins), in first-seen key order."""
+    """One record per key (the last one written wins), in first-seen key order. Give it experience records
+    (:func:`experience_records`): a summary record has no ``experience``."""
     chosen: dict[tuple, dict] = {}
     for record in records:
         chosen[tuple(record[k] for k in keys)] = record

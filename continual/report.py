@@ -1,4 +1,5 @@
-"""Reports rebuilt from ``results.jsonl`` alone: accuracy matrices, metrics over seeds, tables and a heatmap.
+"""Reports rebuilt from ``results.jsonl`` alone (its experience records; the per-seed summary records hold the
+same metrics, computed by :func:`seed_metrics`): accuracy matrices, metrics over seeds, tables and a heatmap.
 
 Files written into the run folder: ``accuracy_matrix.csv`` / ``.md`` (mean over complete seeds, ± std in the
 Markdown), ``accuracy_matrix_seeds.csv`` (long format: seed, after_task, task, accuracy), ``heatmap.png``,
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from continual.metrics import aggregate, summary
-from continual.records import latest_by_key, read_records, write_json, write_text
+from continual.records import experience_records, latest_by_key, read_records, write_json, write_text
 from eval.report import pyplot
 
 METRIC_LABELS = {
@@ -27,9 +28,10 @@ METRIC_LABELS = {
 
 
 def seed_matrices(records: list[dict[str, Any]]) -> tuple[dict[int, np.ndarray], list[int]]:
-    """({seed: R} for seeds with every experience recorded, [seeds still incomplete])."""
+    """({seed: R} for seeds with every experience recorded, [seeds still incomplete]); summary records are
+    ignored."""
     by_seed: dict[int, dict[int, list[float]]] = {}
-    for record in latest_by_key(records):
+    for record in latest_by_key(experience_records(records)):
         by_seed.setdefault(int(record["seed"]), {})[int(record["experience"])] = record["accuracies"]
     complete, partial = {}, []
     for seed, rows in sorted(by_seed.items()):
@@ -39,6 +41,12 @@ def seed_matrices(records: list[dict[str, Any]]) -> tuple[dict[int, np.ndarray],
         else:
             partial.append(seed)
     return complete, partial
+
+
+def seed_metrics(records: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
+    """``{seed: {metric: value}}`` for every complete seed of ``records``: the per-seed metrics of summary.json
+    and the metrics of each summary record in results.jsonl (one computation for both)."""
+    return {seed: summary(R) for seed, R in seed_matrices(records)[0].items()}
 
 
 def format_matrix(R: np.ndarray, std: np.ndarray | None = None, markdown: bool = False) -> str:
@@ -77,7 +85,7 @@ def write_heatmap(path: Path, R: np.ndarray, title: str) -> None:
 
 def _per_experience(records: list[dict[str, Any]], seeds: list[int]) -> list[dict[str, Any]]:
     rows: dict[int, list[dict[str, Any]]] = {}
-    for record in latest_by_key(records):
+    for record in latest_by_key(experience_records(records)):
         if int(record["seed"]) in seeds:
             rows.setdefault(int(record["experience"]), []).append(record)
     out = []
@@ -102,7 +110,7 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     if not matrices:
         write_json(out_dir / "summary.json", result)
         return result
-    per_seed = {seed: summary(R) for seed, R in matrices.items()}
+    per_seed = seed_metrics(records)
     stacked = np.stack(list(matrices.values()))
     mean_R = stacked.mean(0)
     std_R = stacked.std(0, ddof=1) if len(stacked) > 1 else None

@@ -3,7 +3,9 @@
 After every experience: evaluate on every test experience (one row of the accuracy matrix), save a checkpoint
 (model, optimizer, strategy and plugin state, RNG states) atomically, then append the record to
 ``results.jsonl`` with fsync (wall times go to ``timings.jsonl``, so the results are the same bytes on every run
-with the same seed). A rerun with the same output folder skips finished seeds and resumes an
+with the same seed). After a seed's last experience record comes its summary record (``"kind": "summary"``: the
+four metrics of :func:`continual.report.seed_metrics`), so results.jsonl alone holds the whole run. A rerun with
+the same output folder skips finished seeds (appending a summary record that is missing, once) and resumes an
 unfinished one after its last checkpointed experience; because the RNG states are restored, the resumed run
 continues exactly as the uninterrupted one would have. A finished seed's checkpoint is deleted.
 """
@@ -32,7 +34,9 @@ from continual.benchmarks import BENCHMARKS, TaskStream, build_benchmark, defaul
 from continual.config import ContinualConfig, library_versions
 from continual.models import build_model
 from continual.nmc import ForwardFeatures, NMCClassifier, NMCStrategy, feature_dim
-from continual.records import append_record, load_checkpoint, read_records, save_checkpoint, write_json
+from continual.records import (EXPERIENCE, SUMMARY, append_record, experience_records, load_checkpoint, read_records,
+                               save_checkpoint, summary_records, write_json)
+from continual.report import seed_metrics
 from continual.replay import JointReplay
 from continual.schedules import LRSchedulePlugin, make_schedule
 from eval import kill_points
@@ -261,9 +265,10 @@ def run_seed(config: ContinualConfig, seed: int, out_dir: str | Path, progress: 
     timings = out_dir / "timings.jsonl"
     checkpoint = out_dir / "checkpoints" / f"seed{seed}.pt"
     T = config.tasks or BENCHMARKS[config.benchmark]["tasks"]
-    done = {r["experience"] for r in read_records(results) if r.get("seed") == seed}
+    done = {r["experience"] for r in experience_records(read_records(results)) if r.get("seed") == seed}
     if all(i in done for i in range(T)):
-        _remove_checkpoint(checkpoint)  # a kill between the last record and the clean-up can leave it behind
+        append_summary(config, seed, results)  # a kill between the last record and the summary leaves none
+        _remove_checkpoint(checkpoint)  # a kill between the summary and the clean-up can leave it behind
         return []  # finished: nothing is loaded or built
     if prepared is None:
         seed_everything(seed)
@@ -291,7 +296,7 @@ def run_seed(config: ContinualConfig, seed: int, out_dir: str | Path, progress: 
         t1 = time.perf_counter()
         strategy.eval(stream.test_stream)
         row = accuracy.row(T)
-        record = {"seed": seed, "experience": i, "accuracies": row,
+        record = {"kind": EXPERIENCE, "seed": seed, "experience": i, "accuracies": row,
                   "seen_average": float(np.mean(row[: i + 1])),
                   "n_train": len(stream.train_stream[i].dataset), "benchmark": config.benchmark,
                   "method": config.method, "norm": config.norm}
@@ -310,8 +315,31 @@ def run_seed(config: ContinualConfig, seed: int, out_dir: str | Path, progress: 
         bar.set_postfix(acc=f"{np.nanmean(row[: i + 1]):.3f}")
     bar.close()
     if end == T:
+        append_summary(config, seed, results)
         _remove_checkpoint(checkpoint)
     return written
+
+
+def summary_record(config: ContinualConfig, seed: int, records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The summary record of ``seed`` (its four metrics, computed from its experience records among ``records``
+    exactly as summary.json's per-seed metrics are), or None while the seed is incomplete."""
+    metrics = seed_metrics([r for r in records if r.get("seed") == seed]).get(seed)
+    if metrics is None:
+        return None
+    return {"kind": SUMMARY, "seed": seed, "method": config.method, "norm": config.norm,
+            "benchmark": config.benchmark, "metrics": metrics}
+
+
+def append_summary(config: ContinualConfig, seed: int, results: Path) -> None:
+    """Append the summary record of a finished ``seed`` to ``results`` unless it is already there: written once,
+    also on a resume after a kill between the seed's last experience record and its summary (or in the middle of
+    the summary, whose torn line the append cuts), and for a folder written before summary records existed."""
+    records = read_records(results)
+    if any(r.get("seed") == seed for r in summary_records(records)):
+        return
+    record = summary_record(config, seed, records)
+    if record is not None:
+        append_record(results, record, kill_points_here=True)
 
 
 def _remove_checkpoint(checkpoint: Path) -> None:

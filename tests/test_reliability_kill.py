@@ -6,6 +6,7 @@ The kills land at points the runs count themselves (``TTA_KILL_AT``, :mod:`eval.
 timer, so the test does not depend on the machine's speed."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -93,15 +94,20 @@ def test_sigkill_tta_continual_at_each_point_then_resume_gives_identical_results
     reference = tmp_path / "reference"
     run_to_completion(_continual_command(reference))
     expected = (reference / "results.jsonl").read_bytes()
-    assert len(expected.splitlines()) == 15  # 3 seeds x 5 experiences
+    records = ResultsLog(reference / "results.jsonl").read()
+    # 3 seeds x (5 experiences, then the seed's summary record: summary.json's per-seed metrics)
+    assert [r.get("experience", r["kind"]) for r in records] == [0, 1, 2, 3, 4, "summary"] * 3
+    per_seed = json.loads((reference / "summary.json").read_text())["per_seed"]
+    assert {str(r["seed"]): r["metrics"] for r in records if r["kind"] == "summary"} == per_seed
 
     out = tmp_path / "killed"
     counts = _kill_then_resume(_continual_command(out), out, expected,
-                               ["record:2", "checkpoint:3", "torn_record:2", "record:4"])
-    # seed 0: 2 records, then 2 more and the fifth only in its checkpoint; the next run appends it (5), writes one
-    # record of seed 1 and tears the next (6); the last killed run appends the torn record from seed 1's
-    # checkpoint (7), then four more records, the fourth seed 2's first (11)
-    assert counts == [2, 4, 6, 11]
+                               ["record:2", "record:3", "checkpoint:5", "torn_record:1", "torn_record:3"])
+    # seed 0: 2 records, then 3 more, killed between its last experience record and its summary (5); the next run
+    # appends the summary (6), four records of seed 1 and only checkpoints the fifth (10); the next appends that
+    # record from the checkpoint (11) and tears seed 1's summary; the last killed run appends the summary (12), seed
+    # 2's first record (13) and tears its second; the run to the end writes every summary once
+    assert counts == [2, 5, 10, 11, 13]
     assert not (out / "checkpoints").exists()
 
 
