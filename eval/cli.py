@@ -28,7 +28,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("eval.bench_cli", "throughput and memory of each method against plain inference"),
     "methods": ("eval.methods_cli", "the registered methods (what each updates and needs); NAME: its options"),
     "sweep": ("eval.sweep_cli", "run a grid of corruption / domain runs (methods x options x models x data x "
-                                "protocols x batch sizes x seeds) on Ray, locally or on a cluster"),
+                                "protocols x batch sizes x seeds) and of continual runs on Ray, locally or on a "
+                                "cluster"),
     "select": ("eval.select_cli", "choose hyper-parameters (learning rate, alpha, ...) on the validation corruptions, "
                                   "then run a sweep file's test grid with the chosen values"),
 }

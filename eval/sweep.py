@@ -2,13 +2,15 @@
 
 A cell is one stream run of ``tta corruption`` / ``tta domains``: one model, one data entry (corruptions at one
 severity, or a list of domains), one protocol, one batch size, one method with one combination of its options,
-one seed. ``tta sweep`` (:mod:`eval.sweep_cli`) runs the cells; this module only describes them, so it imports
+one seed; or (a ``[continual]`` table, :mod:`eval.sweep_continual`) one ``tta continual`` run of one seed.
+``tta sweep`` (:mod:`eval.sweep_cli`) runs the cells; this module only describes them, so it imports
 neither Ray nor a model.
 
 The order of cells (and so of the records in a sweep's results.jsonl) is :func:`sort_key`: cells compare by the
 tuple (model name, data name, severity, protocol, batch size, method, options, seed), element by element; names
 compare by code point, numbers numerically (batch size 64 before 128, seed 2 before 10), a missing severity
 (domains, the gradual protocol) before any number; options compare as their (name, value) pairs sorted by name.
+Continual cells come after all corruption cells and compare by (benchmark, method, options, norm, buffer, seed).
 The order does not depend on the order of the sweep file or on which cell finished first.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 TOP_LEVEL_KEYS = ("methods", "models", "data", "protocols", "batch_sizes", "seeds", "n_images", "delta", "device",
-                  "deterministic", "source_images", "source_split", "select", "amp", "channels_last")
+                  "deterministic", "source_images", "source_split", "select", "amp", "channels_last", "continual")
 AMP_VALUES = ("bf16", "fp16")  # a sweep's ``amp``: every cell under that autocast (left out: float32)
 MODEL_KEYS = ("name", "model", "weights", "arch", "input_mean", "input_std", "num_classes", "download")
 DATA_KEYS = ("name", "path", "split", "corruptions", "severities", "domains", "source_data", "n_images")
@@ -73,9 +75,17 @@ def method_label(method: str, options: dict[str, Any]) -> str:
 
 def cell_key(axes: dict[str, Any]) -> str:
     """The readable, unique name of a cell (records carry it as ``record["cell"]``)."""
+    if axes.get("kind") == "continual":
+        return continual_cell_key(axes)
     data = axes["data"] + (f"@{axes['severity']}" if axes["severity"] is not None else "")
     return (f"model={axes['model']}|data={data}|protocol={axes['protocol']}|batch_size={axes['batch_size']}"
             f"|method={method_label(axes['method'], axes['options'])}|seed={axes['seed']}")
+
+
+def continual_cell_key(axes: dict[str, Any]) -> str:
+    """The key of a continual cell: ``benchmark=split-digits|method=er[lr=0.1]|norm=bn|buffer=200|seed=0``."""
+    return (f"benchmark={axes['benchmark']}|method={method_label(axes['method'], axes['options'])}"
+            f"|norm={axes['norm']}|buffer={axes['buffer']}|seed={axes['seed']}")
 
 
 def _comparable(value: Any) -> tuple[int, Any]:
@@ -85,10 +95,13 @@ def _comparable(value: Any) -> tuple[int, Any]:
 
 
 def sort_key(axes: dict[str, Any]) -> tuple:
-    """The order of cells and of their records (see the module docstring); ``axes`` as in :meth:`Cell.axes`."""
-    severity = (0, -1) if axes["severity"] is None else (1, axes["severity"])
+    """The order of cells and of their records (see the module docstring); ``axes`` as in :meth:`Cell.axes` (or
+    :meth:`eval.sweep_continual.ContinualCell.axes`)."""
     options = tuple((name, _comparable(axes["options"][name])) for name in sorted(axes["options"]))
-    return (axes["model"], axes["data"], severity, axes["protocol"], axes["batch_size"], axes["method"], options,
+    if axes.get("kind") == "continual":
+        return (1, axes["benchmark"], axes["method"], options, axes["norm"], axes["buffer"], axes["seed"])
+    severity = (0, -1) if axes["severity"] is None else (1, axes["severity"])
+    return (0, axes["model"], axes["data"], severity, axes["protocol"], axes["batch_size"], axes["method"], options,
             axes["seed"])
 
 
@@ -105,8 +118,13 @@ class Sweep:
     seeds: list[int]
     settings: dict[str, Any]
     select: Any = None  # the [select] block (eval.sweep_select.Selection): choose options on validation data first
+    continual: Any = None  # the [continual] table (eval.sweep_continual.ContinualGrid), with its cells
 
-    def cells(self) -> list[Cell]:
+    def cells(self) -> list[Any]:
+        """Every cell of the grid, corruption cells (:meth:`corruption_cells`) then continual cells."""
+        return self.corruption_cells() + (list(self.continual.cells) if self.continual is not None else [])
+
+    def corruption_cells(self) -> list[Cell]:
         """Every cell of the grid, in :func:`sort_key` order (a selected method with its fixed options only: the
         test cells with the chosen options are :func:`eval.sweep_select.test_cells`)."""
         cells = []
@@ -167,14 +185,19 @@ def _unknown(table: dict[str, Any], allowed: tuple[str, ...], prefix: str, where
 
 
 def parse_sweep(raw: dict[str, Any], where: str = "sweep") -> Sweep:
-    """Validate a parsed sweep file (see :func:`load_sweep`)."""
+    """Validate a parsed sweep file (see :func:`load_sweep`). It holds corruption cells (``methods``, ``models``,
+    ``data``), continual cells (``[continual]``), or both."""
     import tta
     from streams.protocols import KINDS
 
     _unknown(raw, TOP_LEVEL_KEYS, "", where)
-    methods = _parse_methods(raw.get("methods"), where, tta)
-    models = _parse_named(raw, "models", MODEL_KEYS, where, _check_model)
-    data = _parse_named(raw, "data", DATA_KEYS, where, _check_data)
+    corruption = "continual" not in raw or any(k in raw for k in ("methods", "models", "data"))
+    if corruption:
+        methods = _parse_methods(raw.get("methods"), where, tta)
+        models = _parse_named(raw, "models", MODEL_KEYS, where, _check_model)
+        data = _parse_named(raw, "data", DATA_KEYS, where, _check_data)
+    else:
+        methods, models, data = {}, [], []
     protocols = _list(raw, "protocols", where, ["reset"])
     for i, p in enumerate(protocols):
         if p not in KINDS:
@@ -204,6 +227,11 @@ def parse_sweep(raw: dict[str, Any], where: str = "sweep") -> Sweep:
     sweep = Sweep(path=where, methods=methods, models=models, data=data, protocols=protocols,
                   batch_sizes=_ints(_list(raw, "batch_sizes", where, [200]), "batch_sizes", where, 1),
                   seeds=_ints(_list(raw, "seeds", where, [0]), "seeds", where), settings=settings)
+    if "continual" in raw:
+        from eval.sweep_continual import check_no_selection, parse_continual
+
+        check_no_selection(raw, where)
+        sweep.continual = parse_continual(raw["continual"], where, sweep.seeds, settings["device"])
     if "select" in raw:
         from eval.sweep_select import parse_selection
 
@@ -216,7 +244,8 @@ def _parse_methods(raw: Any, where: str, tta) -> dict[str, dict[str, list[Any]]]
 
     if not isinstance(raw, dict) or not raw:
         raise _fail(where, "methods", "missing or empty; give a table such as [methods] with source = {} and "
-                    f"tent = {{ lr = [0.001, 0.0001] }}; allowed methods: {', '.join(tta.methods())}")
+                    f"tent = {{ lr = [0.001, 0.0001] }} (or a [continual] table alone); allowed methods: "
+                    f"{', '.join(tta.methods())}")
     methods = {}
     for method, options in raw.items():
         if method not in tta.methods():

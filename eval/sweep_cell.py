@@ -3,7 +3,8 @@
 The cell runs exactly as ``tta corruption`` / ``tta domains`` would run it with one method (the same
 :func:`eval.corruption_benchmark.run_benchmark`), in a scratch folder of the worker's own disk that is deleted
 afterwards; the records come back to the caller (the sweep's driver writes them), each carrying the cell's key
-(``record["cell"]``) and its place in the grid (``record["sweep"]``).
+(``record["cell"]``) and its place in the grid (``record["sweep"]``). A continual cell runs as ``tta continual``
+does (:func:`eval.sweep_continual.run_continual_cell`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,15 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from eval.sweep import Cell
+
+
+def cell_from_dict(data: dict[str, Any]):
+    """A cell from its :meth:`~eval.sweep.Cell.to_dict` (what a Ray task receives): corruption or continual."""
+    if data.get("kind") == "continual":
+        from eval.sweep_continual import ContinualCell
+
+        return ContinualCell.from_dict(data)
+    return Cell.from_dict(data)
 
 
 def cell_config(cell: Cell, out: str):
@@ -40,6 +50,11 @@ def cell_config(cell: Cell, out: str):
 def result_fields(cell: Cell) -> dict[str, Any]:
     """The settings of a cell that its records depend on: a rerun into the same folder must agree on them."""
     import dataclasses
+
+    if getattr(cell, "kind", None) == "continual":
+        from eval.sweep_continual import continual_result_fields
+
+        return continual_result_fields(cell)
 
     from eval.corruption_benchmark import _RESULT_FIELDS, _RESULT_FIELDS_SINCE
     from eval.method_cli import resolved_options
@@ -74,6 +89,10 @@ def run_cell(cell: Cell, *, plugins: Sequence[str] = (), threads: int = 1,
 
     for module in plugins:
         importlib.import_module(module)
+    if getattr(cell, "kind", None) == "continual":
+        from eval.sweep_continual import run_continual_cell
+
+        return run_continual_cell(cell, threads=threads, accel=accel)
     torch.set_num_threads(threads)
     if cell.settings.get("deterministic"):
         enable_deterministic()

@@ -1,4 +1,5 @@
-"""``tta sweep FILE --out DIR``: run a grid of ``tta corruption`` / ``tta domains`` cells on Ray (docs/sweeps.md).
+"""``tta sweep FILE --out DIR``: run a grid of ``tta corruption`` / ``tta domains`` cells and ``tta continual``
+cells (a ``[continual]`` table) on Ray (docs/sweeps.md).
 
 The sweep file (TOML) is read and validated by :mod:`eval.sweep`; the cells run on Ray (:mod:`eval.sweep_ray`),
 started here unless ``--address`` names a cluster; the driver (:mod:`eval.sweep_driver`) writes the records, and
@@ -15,7 +16,7 @@ from eval.sweep import load_sweep
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="sweep file (TOML): methods with option grids, models, data, protocols, "
-                                     "batch sizes, seeds (docs/sweeps.md)")
+                                     "batch sizes, seeds; and/or a [continual] table (docs/sweeps.md)")
     parser.add_argument("--out", required=True, help="output folder; rerunning with the same folder skips "
                                                      "finished (and failed) cells")
     parser.add_argument("--address", default=None,

@@ -11,6 +11,8 @@ Files in the sweep's folder, written by the driver alone:
   for a cell that raised (or whose worker died on every try). ``fields`` are the settings its records depend on.
 - ``results.md``, ``results_<table>.csv``, ``errors_<table>.png``: the report (:mod:`eval.sweep_report`).
 
+Continual cells (:mod:`eval.sweep_continual`) are settled, resumed and ordered the same way.
+
 A rerun skips done and failed cells and runs the others; ``retry_failed`` runs only the failed ones. Records of a
 cell without a ``done`` line (the driver was stopped while writing them) are dropped and the cell runs again.
 """
@@ -91,7 +93,8 @@ def run_sweep(sweep: Sweep, out: str | Path, executor: Executor, *, retry_failed
     write_json_atomic(out / "sweep.json", {"path": sweep.path, "cells": len(cells), "methods": sweep.methods,
                                            "models": sweep.models, "data": sweep.data, "protocols": sweep.protocols,
                                            "batch_sizes": sweep.batch_sizes, "seeds": sweep.seeds,
-                                           "settings": sweep.settings})
+                                           "settings": sweep.settings,
+                                           "continual": sweep.continual.describe() if sweep.continual else None})
     log = ResultsLog(out / "results.jsonl")
     ledger = ResultsLog(out / "cells.jsonl")
     _drop_unfinished(log, status)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from eval.sweep import Cell
-from eval.sweep_cell import run_cell_outcome
+from eval.sweep_cell import cell_from_dict, run_cell_outcome
 
 MAX_RETRIES = 2  # a cell whose worker dies runs at most 1 + MAX_RETRIES times
 _REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def import_ray():
 
 def _cell_task(cell: dict[str, Any], plugins: list[str], threads: int,
                accel: dict[str, bool] | None) -> dict[str, Any]:
-    return run_cell_outcome(Cell.from_dict(cell), plugins=plugins, threads=threads, accel=accel)
+    return run_cell_outcome(cell_from_dict(cell), plugins=plugins, threads=threads, accel=accel)
 
 
 class RayExecutor:

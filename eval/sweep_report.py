@@ -5,7 +5,9 @@ with the options its cell set (``tent[lr=0.0001]``), a column a domain of the st
 over the seeds that finished it, shown with its spread: the sample standard deviation over seeds (``± –`` with
 one seed). The last column is the mean over domains, its spread the standard deviation of the seeds' means.
 Files: ``results.md`` (every table), ``results_<table>.csv`` (mean and std columns), ``errors_<table>.png`` (the
-means, drawn by :func:`eval.report.plot_errors`).
+means, drawn by :func:`eval.report.plot_errors`). Continual cells get one more table (``results_continual.csv``,
+:class:`eval.sweep_continual.ContinualTable`): per benchmark, method, norm and buffer, the final average accuracy,
+average incremental accuracy and forgetting over the seeds.
 """
 from __future__ import annotations
 
@@ -107,6 +109,8 @@ def sweep_tables(records: Sequence[dict[str, Any]]) -> list[SeedTable]:
     tables: dict[str, SeedTable] = {}
     for record in sorted(records, key=lambda r: sort_key(r["sweep"])):
         axes = record["sweep"]
+        if axes.get("kind") == "continual":
+            continue
         name = _group_name(axes)
         table = tables.setdefault(name, SeedTable(name))
         table.add(method_label(record["method"], axes["options"]), axes["seed"], record)
@@ -114,18 +118,27 @@ def sweep_tables(records: Sequence[dict[str, Any]]) -> list[SeedTable]:
 
 
 def write_sweep_report(records: Sequence[dict[str, Any]], out: str | Path, title: str = "sweep",
-                       preamble: str = "") -> list[SeedTable]:
-    """Write results.md, results_<table>.csv and errors_<table>.png into ``out``; returns the tables.
+                       preamble: str = "") -> list[Any]:
+    """Write results.md, results_<table>.csv and errors_<table>.png into ``out``; returns the tables (the
+    continual table last, when there are continual records).
     ``preamble``: Markdown put in results.md before the tables (``tta select``'s selected hyper-parameters)."""
+    from eval.sweep_continual import ContinualTable
+
     out = Path(out)
     tables = sweep_tables(records)
-    markdown = [f"# {title}\n", *([preamble] if preamble else []),
-                "Error in % (lower is better): mean over seeds ± sample standard deviation "
-                "(– with one seed); the last column is the mean over domains.\n"]
+    continual = ContinualTable([r for r in records if r["sweep"].get("kind") == "continual"])
+    markdown = [f"# {title}\n", *([preamble] if preamble else [])]
+    if tables:
+        markdown.append("Error in % (lower is better): mean over seeds ± sample standard deviation "
+                        "(– with one seed); the last column is the mean over domains.\n")
     for table in tables:
         markdown.append(table.to_markdown())
         slug = _slug(table.name)
         write_text_atomic(out / f"results_{slug}.csv", table.to_csv())
         plot_errors(table.mean_table(), out / f"errors_{slug}.png", title=f"{table.name} (mean over seeds)")
+    if continual.rows:
+        markdown.append(continual.to_markdown())
+        markdown.append("Continual: mean over seeds ± sample standard deviation (no spread with one seed).\n")
+        write_text_atomic(out / "results_continual.csv", continual.to_csv())
     write_text_atomic(out / "results.md", "\n".join(markdown))
-    return tables
+    return [*tables, *([continual] if continual.rows else [])]
