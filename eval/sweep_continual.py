@@ -253,7 +253,7 @@ def run_continual_cell(cell: ContinualCell, *, threads: int = 1,
     summary record (``record["summary"]``: the seed's metrics), each with ``cell`` and ``sweep``."""
     import torch
 
-    from continual.records import read_records
+    from continual.records import experience_records, read_records
     from continual.runner import run_experiment
     from tta import accel as fast_path
 
@@ -262,8 +262,8 @@ def run_continual_cell(cell: ContinualCell, *, threads: int = 1,
         fast_path.enable(**accel)  # as tta continual does before any model runs
     with tempfile.TemporaryDirectory(prefix="tta-cell-") as scratch:
         result = run_experiment(cell.config(threads), scratch, progress=False)
-        records = read_records(Path(scratch) / "results.jsonl")
-    summary = {"summary": result["per_seed"][str(cell.seed)], "seed": cell.seed, "benchmark": cell.benchmark,
+        records = experience_records(read_records(Path(scratch) / "results.jsonl"))
+    summary = {"kind": "summary", "summary": result["per_seed"][str(cell.seed)], "seed": cell.seed, "benchmark": cell.benchmark,
                "method": cell.method, "norm": result["config"]["norm"], "experiences": len(records),
                "config": result["config"]}
     return [{**r, "cell": cell.key, "sweep": cell.axes()} for r in [*records, summary]]

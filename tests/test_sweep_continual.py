@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from continual.records import read_records
+from continual.records import experience_records, read_records
 from eval.cli import main
 from eval.records import ResultsLog
 from eval.sweep import SweepError, load_sweep, parse_sweep, sort_key
@@ -115,7 +115,7 @@ def direct(cell, out: Path) -> list[dict]:
         assert main(argv) == 0
     finally:
         torch.set_num_threads(threads)
-    return read_records(out / "results.jsonl")
+    return experience_records(read_records(out / "results.jsonl"))
 
 
 class NoRun:
