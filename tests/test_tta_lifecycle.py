@@ -66,6 +66,14 @@ def test_an_update_moves_only_the_declared_parameters(method):
         assert changed == declared
 
 
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_no_gradient_is_left_on_the_parameters_after_a_batch(method):
+    model = conv_net()
+    adapted = _adapt(method, model, lr=0.1)
+    adapted(torch.randn(8, 3, 8, 8))
+    assert [name for name, p in model.named_parameters() if p.grad is not None] == []
+
+
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_release_gives_back_the_model_exactly(method):
     model = conv_net().train()

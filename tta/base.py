@@ -300,6 +300,7 @@ class GradientAdapter(BatchNormAdapter):
                     continue
                 self._after_step()
                 weights_changed()
+        self.optimizer.zero_grad(set_to_none=True)  # no gradient is held between batches
         return self._output(logits.detach())
 
     # -- loss scaling (float16 autocast on CUDA) -----------------------------------------------------------------
