@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tta.tensor_file import load_tensor_file, save_tensor_file
 from tta.validation import check_batch
 
 
@@ -38,24 +38,14 @@ class FisherInfo:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a small torch file (tensors, names and an integer only), atomically."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"fisher": dict(self.fisher), "anchors": dict(self.anchors), "num_batches": self.num_batches}, tmp)
-        os.replace(tmp, path)
+        save_tensor_file({"fisher": dict(self.fisher), "anchors": dict(self.anchors),
+                          "num_batches": self.num_batches}, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FisherInfo":
         """Read a file written by :meth:`save` (``weights_only=True``: no code is ever unpickled)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Fisher information file not found: {path}")
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ValueError(f"could not read Fisher information from {path}: {type(error).__name__}: {error}"
-                             ) from error
-        if not isinstance(data, dict) or not {"fisher", "anchors", "num_batches"} <= set(data):
-            raise ValueError(f"{path} is not a FisherInfo file (expected keys fisher, anchors, num_batches)")
+        data = load_tensor_file(path, what="Fisher information", kind="FisherInfo",
+                                keys=("fisher", "anchors", "num_batches"))
         return cls(fisher=data["fisher"], anchors=data["anchors"], num_batches=int(data["num_batches"]))
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Iterable
 
 import torch
 from torch import nn
+
+from tta.tensor_file import load_tensor_file, save_tensor_file
 
 
 def classifier_layer(model: nn.Module, name: str | None = None) -> tuple[str, nn.Module]:
@@ -102,24 +103,14 @@ class SourceStats:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a small torch file (tensors and a string only), atomically."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({f.name: getattr(self, f.name) for f in fields(self)}, tmp)
-        os.replace(tmp, path)
+        save_tensor_file({f.name: getattr(self, f.name) for f in fields(self)}, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SourceStats":
         """Read a file written by :meth:`save` (``weights_only=True``: no code is ever unpickled)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"source statistics file not found: {path}")
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ValueError(f"could not read source statistics from {path}: {type(error).__name__}: {error}") from error
+        data = load_tensor_file(path, what="source statistics", kind="SourceStats",
+                                keys=("means", "counts", "tied_covariance"))
         names = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or not {"means", "counts", "tied_covariance"} <= set(data):
-            raise ValueError(f"{path} is not a SourceStats file (expected keys means, counts, tied_covariance)")
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
