@@ -316,11 +316,11 @@ class CottaAugment:
         return out.clamp(0.0, 1.0)
 
 
-def check_images(x: torch.Tensor) -> None:
-    """What CoTTA and RoTTA accept (torchvision's colour operations take 1 or 3 channels)."""
+def check_images(x: torch.Tensor, method: str) -> None:
+    """What CoTTA and RoTTA accept (torchvision's colour operations take 1 or 3 channels); errors name ``method``."""
     if x.dim() != 4 or x.shape[1] not in (1, 3) or min(x.shape[-2:]) < 4:
-        raise ValueError("the CoTTA augmentations take (N, C, H, W) images with C = 1 or 3 channels and H, W >= 4 "
-                         f"(values in [0, 1]); got shape {tuple(x.shape)}")
+        raise ValueError(f"{method}: the CoTTA augmentations take (N, C, H, W) images with C = 1 or 3 channels and "
+                         f"H, W >= 4 (values in [0, 1]); got shape {tuple(x.shape)}")
 
 
 #: ROID's consistency transform: MD ``get_tta_transforms(img_size, padding_mode="reflect", cotta_augs=False)``.

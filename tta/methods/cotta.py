@@ -52,7 +52,7 @@ from tta.augment import CottaAugment, RandomDraws, check_images, resolve_seed
 from tta.base import GradientAdapter
 from tta.options import GradientOptions, option
 from tta.registry import register
-from tta.snapshot import Snapshot, weights_changed
+from tta.snapshot import Snapshot
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -156,13 +156,8 @@ class Cotta(GradientAdapter):
             < self.options.restore_probability
 
     # -- the step ------------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, torch.Tensor) and not self._released and (x.dim() == 4 or self._input_ndim is None):
-            try:
-                check_images(x)  # before anything changes (the episodic reset included)
-            except ValueError as error:
-                raise ValueError(f"{self.name}: {error}") from None
-        return super().forward(x)
+    def _check_method_input(self, x: torch.Tensor) -> None:
+        check_images(x, self.name)
 
     def pseudo_label(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's logits for ``x``: augmentation-averaged (eq. 4) when the anchor is unsure (eq. 5)."""
@@ -181,27 +176,14 @@ class Cotta(GradientAdapter):
         self.last_teacher = self.pseudo_label(x)
         return cotta_loss(logits, self.last_teacher, self.options.symmetric_loss)
 
-    def _predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
-        self._refuse_inference_mode()
-        with torch.enable_grad():
-            for _ in range(self.options.steps):
-                with self._graph_mode(x):
-                    student = self.model(x)
-                loss = self.loss(x, student)
-                teacher = self.last_teacher
-                if not bool(torch.isfinite(loss)):
-                    self.skipped_steps += 1
-                    break
-                self.optimizer.zero_grad(set_to_none=True)
-                self._backward(loss)
-                if not self._step_optimizer():  # float16 gradients overflowed: no step, a smaller loss scale
-                    self.skipped_steps += 1
-                    continue
-                ema_update(list(self.teacher.parameters()), self.params, self.options.teacher_momentum)
-                self._stochastic_restore()
-                weights_changed()
-        self.optimizer.zero_grad(set_to_none=True)
-        return teacher.detach()
+    def _after_step(self) -> None:
+        """After each update of the student: the teacher's EMA (eq. 3), then the stochastic restore (eq. 8)."""
+        ema_update(list(self.teacher.parameters()), self.params, self.options.teacher_momentum)
+        self._stochastic_restore()
+
+    def _output(self, logits: torch.Tensor) -> torch.Tensor:
+        """CoTTA predicts with the teacher (its logits from this batch's pseudo-label), not the student."""
+        return self.last_teacher.detach()
 
     @torch.no_grad()
     def _stochastic_restore(self) -> None:

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tta.base import GradientAdapter
-from tta.methods.sar import is_top_layer
+from tta.methods.sar import affine_parameters_below_top
 from tta.methods.tent import softmax_entropy
 from tta.options import GradientOptions, option
 from tta.registry import register
@@ -146,9 +146,7 @@ class Deyo(GradientAdapter):
     def _trainable_parameters(self) -> list[nn.Parameter]:
         if not self.options.freeze_top:
             return super()._trainable_parameters()
-        names = {id(m): name for name, m in self.model.named_modules()}
-        return [p for layer in self.affine_layers if not is_top_layer(names[id(layer)])
-                for p in (layer.weight, getattr(layer, "bias", None)) if p is not None]
+        return affine_parameters_below_top(self.model, self.affine_layers)
 
     def _check_method_input(self, x: torch.Tensor) -> None:
         o = self.options

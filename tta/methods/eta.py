@@ -41,6 +41,7 @@ from tta.base import GradientAdapter
 from tta.methods.tent import softmax_entropy
 from tta.options import GradientOptions, option
 from tta.registry import register
+from tta.snapshot import weights_changed
 
 
 def entropy_margin(num_classes: int, margin_e0: float) -> float:
@@ -150,14 +151,16 @@ class Eta(GradientAdapter):
                     self._backward(loss)
                     if not self._step_optimizer():  # float16 gradients overflowed: a smaller loss scale
                         self.skipped_steps += 1
-                self._after_step()
+                    weights_changed()
+                self._after_attempt()
                 if stop:
                     break
         self.optimizer.zero_grad(set_to_none=True)
         return logits.detach()
 
-    def _after_step(self) -> None:
-        """Called after every step attempted (taken or skipped); rdumb counts them."""
+    def _after_attempt(self) -> None:
+        """Called after every step attempted, taken or skipped (the base class's ``_after_step`` follows only the
+        steps taken); rdumb counts these attempts."""
 
     # -- state --------------------------------------------------------------------------------------------------
     def reset(self) -> None:

@@ -47,7 +47,7 @@ class Rdumb(Eta):
         self.steps_since_reset = 0
         self.resets = 0
 
-    def _after_step(self) -> None:
+    def _after_attempt(self) -> None:
         self.steps_since_reset += 1
         if self.steps_since_reset >= self.options.reset_every:
             self.reset_to_source()

@@ -313,13 +313,8 @@ class Rotta(GradientAdapter):
         self.random.reseed()
 
     # -- the step ------------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, torch.Tensor) and not self._released and (x.dim() == 4 or self._input_ndim is None):
-            try:
-                check_images(x)  # before anything changes (the episodic reset included)
-            except ValueError as error:
-                raise ValueError(f"{self.name}: {error}") from None
-        return super().forward(x)
+    def _check_method_input(self, x: torch.Tensor) -> None:
+        check_images(x, self.name)
 
     def _predict_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         self._refuse_inference_mode()

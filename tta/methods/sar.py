@@ -61,6 +61,14 @@ def is_top_layer(name: str) -> bool:
     return name == "norm" or any(part in name for part in TOP_LAYER_PARTS)
 
 
+def affine_parameters_below_top(model: nn.Module, affine_layers: list[nn.Module]) -> list[nn.Parameter]:
+    """The affine parameters of ``affine_layers`` (modules of ``model``) outside the reference's top layers
+    (``freeze_top``, shared by sar and deyo)."""
+    names = {id(m): name for name, m in model.named_modules()}
+    return [p for layer in affine_layers if not is_top_layer(names[id(layer)])
+            for p in (layer.weight, getattr(layer, "bias", None)) if p is not None]
+
+
 @dataclass
 class SarOptions(GradientOptions):
     """sar's options; defaults are the reference's CIFAR-10-C setting (SAM around SGD, lr 1e-3, momentum 0.9)."""
@@ -106,9 +114,7 @@ class Sar(GradientAdapter):
     def _trainable_parameters(self) -> list[nn.Parameter]:
         if not self.options.freeze_top:
             return super()._trainable_parameters()
-        names = {id(m): name for name, m in self.model.named_modules()}
-        return [p for layer in self.affine_layers if not is_top_layer(names[id(layer)])
-                for p in (layer.weight, getattr(layer, "bias", None)) if p is not None]
+        return affine_parameters_below_top(self.model, self.affine_layers)
 
     def margin(self, num_classes: int) -> float:
         """E0 = margin_e0 * ln(C)."""
