@@ -8,8 +8,9 @@ Everything is measured in one process and one run, so ratios compare like with l
 - Passes: a forward hook on the model counts forward samples; gradient hooks on its trainable parameters count
   a backward pass when gradients reach the model after a forward (one un-timed counting batch, hooks removed
   before timing).
-- Memory (CPU): in a fresh subprocess per row (``memory="subprocess"``; as many at once as there are CPU cores,
-  each process's peak being its own): per batch, the peak RSS (the kernel's
+- Memory (CPU): in a fresh process per row (``memory="subprocess"``; as many at once as there are CPU cores,
+  each process's peak being its own; forked from a server process that has imported the runtime and nothing else,
+  or a new interpreter where the platform cannot fork): over ``MEMORY_BATCHES`` batches, the peak RSS (the kernel's
   counter reset before each batch through ``/proc/self/clear_refs``) minus the RSS before the row was built
   (model loaded, inputs made, cafa's statistics computed, code paged in by a throwaway 2-image run); the median
   over batches is reported. In-process RSS would be distorted by the rows measured before (a process-wide
@@ -354,6 +355,11 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+#: Batches each memory measurement runs: the first creates what a method keeps between batches (optimizer moments,
+#: moving averages, memory banks), the other two are steady; the median of the three peaks is reported.
+MEMORY_BATCHES = 3
+
+
 def _release_free_memory() -> None:
     """Collect garbage and hand malloc's free pages back to the system (glibc ``malloc_trim``), so that memory
     allocated afterwards shows up in the RSS instead of reusing pages the process already holds."""
@@ -372,15 +378,17 @@ def _warmed_up_setup(config: BenchConfig, name: str) -> tuple[nn.Module, list[to
 
 
 def measure_row_memory(config: BenchConfig, name: str) -> dict[str, Any]:
-    """Peak memory increase (MB) of running one row: warm-up plus two batches, from before the adapter is built.
+    """Peak memory increase (MB) of running one row for ``MEMORY_BATCHES`` batches, from before the adapter is
+    built; on CPU also the tensor peak (:func:`measure_row_tensors`) of a second copy of the row.
 
     Before the baseline, a throwaway copy of the row runs a 2-image batch, so that code pages and one-time
     runtime allocations (kernels, autograd, optimizer code: tens of MB of RSS) are not counted as the row's memory.
     """
     model, inputs, source = _warmed_up_setup(config, name)
-    batches = max(config.warmup, 1) + 2
-    _release_free_memory()
     cuda = config.device.startswith("cuda")
+    untouched = None if cuda else copy.deepcopy(model)  # for the tensor peak (the row adapts ``model`` in place)
+    batches = MEMORY_BATCHES
+    _release_free_memory()
     if cuda:
         torch.cuda.synchronize(config.device)
         baseline = torch.cuda.memory_allocated(config.device)
@@ -395,7 +403,7 @@ def measure_row_memory(config: BenchConfig, name: str) -> dict[str, Any]:
         if cuda:
             torch.cuda.reset_peak_memory_stats(config.device)
         else:
-            _release_free_memory()
+            release_free_memory()  # garbage was collected before the baseline; a batch's graph is freed on return
             exact = _reset_peak_rss() and exact
         row.call(inputs[i % len(inputs)])
         if cuda:
@@ -413,9 +421,9 @@ def measure_row_memory(config: BenchConfig, name: str) -> dict[str, Any]:
     if cuda:  # the caching allocator's figure already counts tensor bytes
         result.update(peak_tensor_mb=max(peaks) / 2**20, tensor_method=method)
     else:
-        del row
+        del row, model
         gc.collect()
-        result.update(measure_row_tensors(config, name))
+        result.update(measure_row_tensors(config, name, (untouched, inputs, source)))
     return result
 
 
@@ -444,14 +452,16 @@ def peak_tensor_bytes(run: Callable[[], None]) -> int | None:
     return peak
 
 
-def measure_row_tensors(config: BenchConfig, name: str) -> dict[str, Any]:
-    """Peak bytes in CPU tensors (see :func:`peak_tensor_bytes`) while the row is built and runs warm-up plus two
-    batches, above those held before it was built, as CUDA's figure is."""
-    model, inputs, source = _warmed_up_setup(config, name)
+def measure_row_tensors(config: BenchConfig, name: str,
+                        setup: tuple[nn.Module, list[torch.Tensor], Any] | None = None) -> dict[str, Any]:
+    """Peak bytes in CPU tensors (see :func:`peak_tensor_bytes`) while the row is built and runs ``MEMORY_BATCHES``
+    batches, above those held before it was built, as CUDA's figure is. ``setup``: the (model, inputs, source
+    options) of :func:`_warmed_up_setup` when the caller has them (the model is adapted in place)."""
+    model, inputs, source = setup if setup is not None else _warmed_up_setup(config, name)
 
     def run() -> None:
         row = build_row(name, model, config, source)
-        for i in range(max(config.warmup, 1) + 2):
+        for i in range(MEMORY_BATCHES):
             row.call(inputs[i % len(inputs)])
 
     peak = peak_tensor_bytes(run)
@@ -459,15 +469,67 @@ def measure_row_tensors(config: BenchConfig, name: str) -> dict[str, Any]:
             "tensor_method": "profiler allocation records: peak bytes in CPU tensors - bytes before the row was built"}
 
 
+def _fork_server() -> Any | None:
+    """The ``forkserver`` context of :mod:`multiprocessing`, its server importing this module first (the server
+    holds the imported runtime and has run nothing, so each child starts as a fresh process would, without paying
+    for the imports again); None where the platform has no fork server (Windows)."""
+    import multiprocessing
+
+    try:
+        context = multiprocessing.get_context("forkserver")
+    except ValueError:
+        return None
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _probe_child(spec: dict[str, Any], connection: Any) -> None:
+    """Entry of a forked memory process: :func:`probe_spec`'s result (or the error) sent back on ``connection``.
+    Its output is discarded (the profiler prints lines of its own); the result travels on the pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    try:
+        result = probe_spec(spec)
+    except BaseException as error:  # the parent records the failure; the process ends either way
+        result = {"peak_memory_mb": None, "memory_method": f"subprocess failed: {type(error).__name__}: {error}"}
+    connection.send(result)
+    connection.close()
+
+
 def probe_memory(config: BenchConfig, name: str, timeout: float = 900.0) -> dict[str, Any]:
-    """:func:`measure_row_memory` in a fresh Python process (CPU), so no earlier row distorts the RSS."""
+    """:func:`measure_row_memory` in a fresh process (CPU), so no earlier row distorts the RSS: forked from the
+    fork server where there is one, else a new interpreter."""
     pieces = {piece: on for piece, on in accel.state().items() if piece in accel.PIECES}
-    spec = json.dumps({"config": asdict(config), "row": name, "accel": pieces if any(pieces.values()) else None})
+    spec = {"config": asdict(config), "row": name, "accel": pieces if any(pieces.values()) else None}
+    context = _fork_server()
+    if context is None:
+        return _probe_in_new_interpreter(spec, timeout)
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_probe_child, args=(spec, sender), daemon=True)
+    process.start()
+    sender.close()
+    try:
+        if not receiver.poll(timeout):
+            process.kill()
+            return {"peak_memory_mb": None, "memory_method": f"subprocess timed out after {timeout:.0f} s"}
+        try:
+            return receiver.recv()
+        except EOFError:  # the process died without an answer (killed, out of memory, a crash in native code)
+            process.join()
+            return {"peak_memory_mb": None, "memory_method": f"subprocess failed: exit code {process.exitcode}"}
+    finally:
+        receiver.close()
+        process.join()
+
+
+def _probe_in_new_interpreter(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """:func:`probe_main` in a new Python interpreter (where there is no fork server)."""
     code = "import sys; from eval.bench import probe_main; sys.exit(probe_main())"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
     try:
-        done = subprocess.run([sys.executable, "-c", code], input=spec, capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-c", code], input=json.dumps(spec), capture_output=True, text=True,
                               timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"peak_memory_mb": None, "memory_method": f"subprocess timed out after {timeout:.0f} s"}
@@ -477,16 +539,21 @@ def probe_memory(config: BenchConfig, name: str, timeout: float = 900.0) -> dict
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def probe_main() -> int:
-    """Entry of the memory subprocess: reads ``{"config", "row", "accel"}`` JSON on stdin (``accel``: the pieces of
-    :mod:`tta.accel` the parent had on, or None), prints the result as JSON."""
-    spec = json.loads(sys.stdin.read())
+def probe_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """One row's memory in this (fresh) process: ``spec`` is ``{"config", "row", "accel"}`` (``accel``: the pieces
+    of :mod:`tta.accel` the parent had on, or None)."""
     config = BenchConfig(**spec["config"])
     if spec.get("accel"):
         accel.enable(**spec["accel"])  # the same fast path as the parent (TTA_MALLOC is inherited)
     if config.threads:
         torch.set_num_threads(config.threads)
-    print(json.dumps(measure_row_memory(config, spec["row"])))
+    return measure_row_memory(config, spec["row"])
+
+
+def probe_main() -> int:
+    """Entry of the memory subprocess in a new interpreter: reads the spec of :func:`probe_spec` as JSON on stdin,
+    prints the result as JSON."""
+    print(json.dumps(probe_spec(json.loads(sys.stdin.read()))))
     return 0
 
 

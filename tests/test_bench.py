@@ -195,6 +195,22 @@ def test_memory_probe_subprocess() -> None:
     assert 0 < measured["peak_tensor_mb"] < measured["peak_memory_mb"] + measured["baseline_mb"]
 
 
+def test_memory_probe_without_a_fork_server_runs_a_new_interpreter(monkeypatch) -> None:
+    """Where the platform cannot fork (Windows), each row's memory is measured in a new interpreter instead."""
+    config = BenchConfig(batch_size=8, warmup=1, threads=1, methods=["norm"])
+    forked = bench.probe_memory(config, "norm")
+    monkeypatch.setattr(bench, "_fork_server", lambda: None)
+    spawned = bench.probe_memory(config, "norm")
+    assert spawned["memory_method"] == forked["memory_method"] and spawned["memory_batches"] == bench.MEMORY_BATCHES
+    assert spawned["peak_tensor_mb"] == forked["peak_tensor_mb"]  # bytes held in tensors: the same in both
+
+
+def test_memory_probe_reports_a_row_that_fails_in_its_process() -> None:
+    measured = bench.probe_memory(BenchConfig(batch_size=8, threads=1), "no_such_method")
+    assert measured["peak_memory_mb"] is None
+    assert measured["memory_method"].startswith("subprocess failed:") and "no_such_method" in measured["memory_method"]
+
+
 def test_peak_tensor_bytes_follows_allocations_and_frees_in_order() -> None:
     """4000 bytes, then 8000 more while they live (peak 12000), both freed, then 2000: the peak is 12000."""
     def run() -> None:
