@@ -29,6 +29,7 @@ import copy
 import gc
 import json
 import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -469,65 +470,112 @@ def measure_row_tensors(config: BenchConfig, name: str,
             "tensor_method": "profiler allocation records: peak bytes in CPU tensors - bytes before the row was built"}
 
 
-def _fork_server() -> Any | None:
-    """The ``forkserver`` context of :mod:`multiprocessing`, its server importing this module first (the server
-    holds the imported runtime and has run nothing, so each child starts as a fresh process would, without paying
-    for the imports again); None where the platform has no fork server (Windows)."""
-    import multiprocessing
+class MemoryServer:
+    """A Python process that has imported the runtime and run nothing; it forks one child per row measured, so each
+    row starts as a fresh process would, without paying for the imports again (where ``os.fork`` exists).
 
-    try:
-        context = multiprocessing.get_context("forkserver")
-    except ValueError:
-        return None
-    context.set_forkserver_preload([__name__])
-    return context
+    Protocol: one JSON spec per line on its stdin (see :func:`probe_spec`), one JSON result per line on its stdout.
+    The server is single-threaded and never runs a model, so forking it is safe.
+    """
+
+    def __init__(self) -> None:
+        code = "import sys; from eval.bench import serve_memory; sys.exit(serve_memory())"
+        self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, text=True, env=_child_environment())
+
+    def measure(self, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+        try:
+            self.process.stdin.write(json.dumps({"spec": spec, "timeout": timeout}) + "\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if not line:
+            return {"peak_memory_mb": None, "memory_method": "subprocess failed: the memory server stopped"}
+        return json.loads(line)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
-def _probe_child(spec: dict[str, Any], connection: Any) -> None:
-    """Entry of a forked memory process: :func:`probe_spec`'s result (or the error) sent back on ``connection``.
-    Its output is discarded (the profiler prints lines of its own); the result travels on the pipe."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    try:
-        result = probe_spec(spec)
-    except BaseException as error:  # the parent records the failure; the process ends either way
-        result = {"peak_memory_mb": None, "memory_method": f"subprocess failed: {type(error).__name__}: {error}"}
-    connection.send(result)
-    connection.close()
+def serve_memory() -> int:
+    """The loop of :class:`MemoryServer`: for each spec, fork a child that measures the row (its output discarded:
+    the profiler prints lines of its own) and writes the result on a pipe; a child that dies or overruns its
+    timeout is reported as failed."""
+    import select
+    import signal
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: measure, answer, exit without running the server's cleanup
+            os.close(read_end)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            try:
+                result = probe_spec(request["spec"])
+            except BaseException as error:
+                result = {"peak_memory_mb": None,
+                          "memory_method": f"subprocess failed: {type(error).__name__}: {error}"}
+            data = json.dumps(result).encode()
+            while data:
+                data = data[os.write(write_end, data):]
+            os._exit(0)
+        os.close(write_end)
+        chunks, deadline, timed_out = [], time.monotonic() + request["timeout"], False
+        while True:
+            ready, _, _ = select.select([read_end], [], [], max(deadline - time.monotonic(), 0.0))
+            if not ready:
+                timed_out = True
+                os.kill(pid, signal.SIGKILL)
+                break
+            chunk = os.read(read_end, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(read_end)
+        _, status = os.waitpid(pid, 0)
+        if timed_out:
+            result = {"peak_memory_mb": None, "memory_method": f"subprocess timed out after {request['timeout']:.0f} s"}
+        elif chunks:
+            result = json.loads(b"".join(chunks))
+        else:
+            how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                   else f"exit code {os.waitstatus_to_exitcode(status)}")
+            result = {"peak_memory_mb": None, "memory_method": f"subprocess failed: {how}"}
+        print(json.dumps(result), flush=True)
+    return 0
 
 
-def probe_memory(config: BenchConfig, name: str, timeout: float = 900.0) -> dict[str, Any]:
-    """:func:`measure_row_memory` in a fresh process (CPU), so no earlier row distorts the RSS: forked from the
-    fork server where there is one, else a new interpreter."""
+def _child_environment() -> dict[str, str]:
+    """The environment of a memory process: this one's, with this repository on the import path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+
+
+def probe_memory(config: BenchConfig, name: str, timeout: float = 900.0,
+                 server: MemoryServer | None = None) -> dict[str, Any]:
+    """:func:`measure_row_memory` in a fresh process (CPU), so no earlier row distorts the RSS: forked by
+    ``server`` when given, else a new interpreter."""
     pieces = {piece: on for piece, on in accel.state().items() if piece in accel.PIECES}
     spec = {"config": asdict(config), "row": name, "accel": pieces if any(pieces.values()) else None}
-    context = _fork_server()
-    if context is None:
-        return _probe_in_new_interpreter(spec, timeout)
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_probe_child, args=(spec, sender), daemon=True)
-    process.start()
-    sender.close()
-    try:
-        if not receiver.poll(timeout):
-            process.kill()
-            return {"peak_memory_mb": None, "memory_method": f"subprocess timed out after {timeout:.0f} s"}
-        try:
-            return receiver.recv()
-        except EOFError:  # the process died without an answer (killed, out of memory, a crash in native code)
-            process.join()
-            return {"peak_memory_mb": None, "memory_method": f"subprocess failed: exit code {process.exitcode}"}
-    finally:
-        receiver.close()
-        process.join()
+    if server is not None:
+        return server.measure(spec, timeout)
+    return _probe_in_new_interpreter(spec, timeout)
 
 
 def _probe_in_new_interpreter(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """:func:`probe_main` in a new Python interpreter (where there is no fork server)."""
     code = "import sys; from eval.bench import probe_main; sys.exit(probe_main())"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
+    env = _child_environment()
     try:
         done = subprocess.run([sys.executable, "-c", code], input=json.dumps(spec), capture_output=True, text=True,
                               timeout=timeout, env=env)
@@ -661,11 +709,29 @@ def measure_memory(config: BenchConfig, records: dict[str, dict[str, Any]], log:
         from concurrent.futures import ThreadPoolExecutor, as_completed
 
         log(f"memory: {len(names)} rows, each in a fresh process")
-        with ThreadPoolExecutor(max_workers=min(len(names), os.cpu_count() or 1)) as pool:
-            futures = {pool.submit(probe_memory, config, name): name for name in names}
-            for done, future in enumerate(as_completed(futures), 1):
-                records[futures[future]].update(future.result())
-                log(f"memory {done}/{len(names)}: {futures[future]}")
+        workers = min(len(names), os.cpu_count() or 1)
+        servers: queue.Queue[MemoryServer | None] = queue.Queue()
+        for _ in range(workers):  # a server per worker where processes can fork, else a new interpreter per row
+            servers.put(MemoryServer() if hasattr(os, "fork") else None)
+
+        def probe(name: str) -> dict[str, Any]:
+            server = servers.get()
+            try:
+                return probe_memory(config, name, server=server)
+            finally:
+                servers.put(server)
+
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                futures = {pool.submit(probe, name): name for name in names}
+                for done, future in enumerate(as_completed(futures), 1):
+                    records[futures[future]].update(future.result())
+                    log(f"memory {done}/{len(names)}: {futures[future]}")
+        finally:
+            while not servers.empty():
+                server = servers.get()
+                if server is not None:
+                    server.close()
         return
     for done, name in enumerate(names, 1):
         records[name].update(measure_row_memory(config, name))

@@ -195,20 +195,24 @@ def test_memory_probe_subprocess() -> None:
     assert 0 < measured["peak_tensor_mb"] < measured["peak_memory_mb"] + measured["baseline_mb"]
 
 
-def test_memory_probe_without_a_fork_server_runs_a_new_interpreter(monkeypatch) -> None:
-    """Where the platform cannot fork (Windows), each row's memory is measured in a new interpreter instead."""
+def test_memory_server_forks_rows_that_measure_as_a_new_interpreter_does() -> None:
+    """A row forked by the memory server (imports paid once) reports what a new interpreter reports for it; a row
+    that fails, or a child that dies, is reported as failed and the server goes on."""
     config = BenchConfig(batch_size=8, warmup=1, threads=1, methods=["norm"])
-    forked = bench.probe_memory(config, "norm")
-    monkeypatch.setattr(bench, "_fork_server", lambda: None)
     spawned = bench.probe_memory(config, "norm")
-    assert spawned["memory_method"] == forked["memory_method"] and spawned["memory_batches"] == bench.MEMORY_BATCHES
-    assert spawned["peak_tensor_mb"] == forked["peak_tensor_mb"]  # bytes held in tensors: the same in both
-
-
-def test_memory_probe_reports_a_row_that_fails_in_its_process() -> None:
-    measured = bench.probe_memory(BenchConfig(batch_size=8, threads=1), "no_such_method")
-    assert measured["peak_memory_mb"] is None
-    assert measured["memory_method"].startswith("subprocess failed:") and "no_such_method" in measured["memory_method"]
+    server = bench.MemoryServer()
+    try:
+        forked = bench.probe_memory(config, "norm", server=server)
+        failed = bench.probe_memory(BenchConfig(batch_size=8, threads=1), "no_such_method", server=server)
+        killed = bench.probe_memory(config, "norm", timeout=0.0, server=server)
+        again = bench.probe_memory(config, "norm", server=server)
+    finally:
+        server.close()
+    assert forked["memory_method"] == spawned["memory_method"] and forked["memory_batches"] == bench.MEMORY_BATCHES
+    assert forked["peak_tensor_mb"] == spawned["peak_tensor_mb"] == again["peak_tensor_mb"]  # bytes in tensors
+    assert failed["peak_memory_mb"] is None and failed["memory_method"].startswith("subprocess failed:")
+    assert "no_such_method" in failed["memory_method"]
+    assert killed == {"peak_memory_mb": None, "memory_method": "subprocess timed out after 0 s"}
 
 
 def test_peak_tensor_bytes_follows_allocations_and_frees_in_order() -> None:

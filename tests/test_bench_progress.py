@@ -23,7 +23,7 @@ def test_memory_logs_each_row_and_runs_the_processes_side_by_side(monkeypatch) -
     calls: list[str] = []
     lock = threading.Lock()
 
-    def probe(config: BenchConfig, name: str) -> dict:
+    def probe(config: BenchConfig, name: str, server: bench.MemoryServer | None = None) -> dict:
         with lock:
             calls.append(name)
             first_two = len(calls) <= 2
