@@ -34,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -708,8 +708,12 @@ def measure_memory(config: BenchConfig, records: dict[str, dict[str, Any]], log:
     if config.memory == "subprocess" and not config.device.startswith("cuda"):
         from concurrent.futures import ThreadPoolExecutor, as_completed
 
-        log(f"memory: {len(names)} rows, each in a fresh process")
         workers = min(len(names), os.cpu_count() or 1)
+        # Side by side, the processes would oversubscribe the cores with torch's default thread count: one thread
+        # each unless --threads says otherwise (the peaks do not depend on it beyond a few per-thread buffers).
+        probe_config = config if config.threads else replace(config, threads=1)
+        log(f"memory: {len(names)} rows, each in a fresh process ({probe_config.threads} thread"
+            f"{'s' if probe_config.threads > 1 else ''} each)")
         servers: queue.Queue[MemoryServer | None] = queue.Queue()
         for _ in range(workers):  # a server per worker where processes can fork, else a new interpreter per row
             servers.put(MemoryServer() if hasattr(os, "fork") else None)
@@ -717,7 +721,7 @@ def measure_memory(config: BenchConfig, records: dict[str, dict[str, Any]], log:
         def probe(name: str) -> dict[str, Any]:
             server = servers.get()
             try:
-                return probe_memory(config, name, server=server)
+                return probe_memory(probe_config, name, server=server)
             finally:
                 servers.put(server)
 

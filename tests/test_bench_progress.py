@@ -38,7 +38,7 @@ def test_memory_logs_each_row_and_runs_the_processes_side_by_side(monkeypatch) -
     lines: list[str] = []
     bench.measure_memory(BenchConfig(memory="subprocess"), records, lines.append)
     assert [records[n].get("peak_memory_mb") for n in ("plain", "norm", "tent", "cafa")] == [5.0, 4.0, 4.0, None]
-    assert lines[0] == "memory: 3 rows, each in a fresh process"
+    assert lines[0] == "memory: 3 rows, each in a fresh process (1 thread each)"
     assert {line.split(": ", 1)[1] for line in lines[1:]} == {"plain", "norm", "tent"}
     assert [line.split(":")[0] for line in lines[1:]] == ["memory 1/3", "memory 2/3", "memory 3/3"]
     lines.clear()
