@@ -14,7 +14,7 @@ Everything is measured in one process and one run, so ratios compare like with l
   counter reset before each batch through ``/proc/self/clear_refs``) minus the RSS before the row was built
   (model loaded, inputs made, cafa's statistics computed, code paged in by a throwaway 2-image run); the median
   over batches is reported. In-process RSS would be distorted by the rows measured before (a process-wide
-  high-water mark, memory freed to malloc but not to the system). CUDA: in process, ``max_memory_allocated``
+  high-water mark, memory freed to the allocator but not to the system). CUDA: in process, ``max_memory_allocated``
   after ``reset_peak_memory_stats``, minus the allocation before the row was built.
 - Tensor memory (CPU, ``peak_tensor_mb``): in the same subprocess, the peak bytes held in PyTorch's CPU tensors
   from the profiler's allocation records, above those before the row was built: CUDA's measure, on CPU. The RSS
@@ -362,8 +362,9 @@ MEMORY_BATCHES = 3
 
 
 def _release_free_memory() -> None:
-    """Collect garbage and hand malloc's free pages back to the system (glibc ``malloc_trim``), so that memory
-    allocated afterwards shows up in the RSS instead of reusing pages the process already holds."""
+    """Collect garbage and hand free memory back to the system (the tensor cache's free blocks, glibc's free heap
+    pages through ``malloc_trim``), so that memory allocated afterwards shows up in the RSS instead of reusing pages
+    the process already holds."""
     gc.collect()
     release_free_memory()
 
@@ -433,8 +434,8 @@ def peak_tensor_bytes(run: Callable[[], None]) -> int | None:
 
     From the profiler's allocation records (``profile_memory=True``): every allocation and free of PyTorch's CPU
     allocator, summed in time order. This is the CPU counterpart of CUDA's ``max_memory_allocated``: what the
-    computation holds, whatever malloc does with the heap (the RSS also counts the heap's holes and pages freed
-    but kept). None where the profiler's records cannot be read.
+    computation holds, whatever the allocator does with freed blocks (the RSS also counts the heap's holes and pages
+    freed but kept). None where the profiler's records cannot be read.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -592,7 +593,7 @@ def probe_spec(spec: dict[str, Any]) -> dict[str, Any]:
     of :mod:`tta.accel` the parent had on, or None)."""
     config = BenchConfig(**spec["config"])
     if spec.get("accel"):
-        accel.enable(**spec["accel"])  # the same fast path as the parent (TTA_MALLOC is inherited)
+        accel.enable(**spec["accel"])  # the same fast path as the parent
     if config.threads:
         torch.set_num_threads(config.threads)
     return measure_row_memory(config, spec["row"])
@@ -607,13 +608,14 @@ def probe_main() -> int:
 
 # -- the whole run ------------------------------------------------------------------------------------------------
 def machine() -> dict[str, Any]:
-    """Facts about this machine beyond :func:`eval.environment.versions`."""
+    """Facts about this machine beyond :func:`eval.environment.versions` (``tensor_cache``: the caching CPU
+    allocator's threshold and bound while installed, else None)."""
     cpu = None
     with contextlib.suppress(OSError):
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), None)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "load_average": load, "malloc": allocator_settings(),
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "load_average": load, "tensor_cache": allocator_settings(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 

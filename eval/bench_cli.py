@@ -96,10 +96,12 @@ def write_json(result: dict[str, Any], out: str | os.PathLike) -> Path:
     return path
 
 
-def _malloc_note(settings: dict[str, int | float] | None) -> str:
+def tensor_cache_note(settings: dict[str, int | float] | None) -> str:
+    """The caching CPU allocator's settings in words (``settings``: bench.json's ``machine.start.tensor_cache``)."""
     if not settings:
-        return "glibc defaults (TTA_MALLOC=default, or not glibc)"
-    return "retains freed memory (" + ", ".join(f"{k} {v}" for k, v in settings.items()) + ")"
+        return "off"
+    return (f"tensors of {settings['tensor_cache_threshold'] / 2**20:g} MiB and more, mapped memory within "
+            f"{settings['tensor_cache_max_ratio']:g}x the most bytes live")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -134,8 +136,8 @@ def run(args: argparse.Namespace) -> int:
     settings = (f"{config.model}, batch {config.batch_size}, {config.device}, threads "
                 f"{result['versions']['torch_threads']}, amp {config.amp or 'off'}, channels_last "
                 f"{config.channels_last}, compile {config.compile}, repeats {config.repeats}, warm-up {config.warmup}, "
-                f"load average {result['machine']['start']['load_average']}, malloc "
-                f"{_malloc_note(result['machine']['start'].get('malloc'))}, CPU fast path "
+                f"load average {result['machine']['start']['load_average']}, tensor cache "
+                f"{tensor_cache_note(result['machine']['start'].get('tensor_cache'))}, CPU fast path "
                 f"{accel_note(result.get('accel'))}")
     print(f"{settings}\n{result['weights']}\n")
     print(format_table(result))

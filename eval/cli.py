@@ -71,13 +71,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="tta", description="Test-time adaptation and continual-learning runtime.",
         epilog="CPU runs of demo, corruption, domains, bench and continual use the CPU fast path (tta.accel: C "
                "kernels, a lean autograd graph, a caching allocator; the same results to rounding); --no-accel keeps "
-               "plain PyTorch, --accel-without PIECE,... turns pieces off. Environment: TTA_MALLOC chooses how freed "
-               "CPU memory is kept (tta/accel/allocator.py): retain (default) gives tensors of 1 MB and more a "
-               "caching allocator (tta/accel/tensor_cache.py: reused by size class, no page faults after the first "
-               "batch, resident memory close to the bytes held) and makes glibc's malloc keep the rest; glibc keeps "
-               "glibc's malloc for all tensors, with those settings; default changes nothing. TTA_NATIVE=0 uses "
-               "PyTorch's ops and allocator instead of the C and C++ code built with the system's compilers into "
-               "TTA_CACHE_DIR (default ~/.cache/tta). TTA_DEBUG=1 shows tracebacks.")
+               "plain PyTorch, --accel-without PIECE,... turns pieces off (--accel-without tensor_cache leaves every "
+               "tensor to glibc's malloc instead of the caching allocator of tta/accel/tensor_cache.py, which reuses "
+               "tensors of 1 MB and more by size class: no page faults after the first batch, resident memory close "
+               "to the bytes held). Environment: TTA_NATIVE=0 uses PyTorch's ops and allocator instead of the C and "
+               "C++ code built with the system's compilers into TTA_CACHE_DIR (default ~/.cache/tta). TTA_DEBUG=1 "
+               "shows tracebacks.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -95,10 +94,11 @@ def add_accel_arguments(parser: argparse.ArgumentParser) -> None:
     """``--no-accel`` and ``--accel-without``: the CPU fast path (tta.accel) is on for CPU runs unless turned off."""
     group = parser.add_argument_group("CPU fast path (tta.accel)")
     group.add_argument("--no-accel", action="store_true",
-                       help="keep plain PyTorch: no C kernels, lean graph or allocator change (without it, CPU runs use "
-                            "the fast path)")
+                       help="keep plain PyTorch: no C kernels, lean graph or allocator change (without it, CPU runs "
+                            "use the fast path)")
     group.add_argument("--accel-without", default="", metavar="PIECE[,PIECE]",
-                       help=f"turn these pieces of the fast path off: {', '.join(accel.PIECES)}")
+                       help=f"turn these pieces of the fast path off: {', '.join(accel.PIECES)} (malloc, a removed "
+                            "piece, is accepted with a warning and ignored)")
 
 
 def accel_pieces(args: argparse.Namespace) -> dict[str, bool] | None:
@@ -107,7 +107,9 @@ def accel_pieces(args: argparse.Namespace) -> dict[str, bool] | None:
     if getattr(args, "no_accel", True) or not str(getattr(args, "device", "cpu") or "cpu").startswith("cpu"):
         return None
     without = [p.strip() for p in args.accel_without.split(",") if p.strip()]
-    unknown = sorted(set(without) - set(accel.PIECES))
+    for piece in sorted(set(without) & set(accel.REMOVED_PIECES)):
+        accel.warn_removed_piece(piece, f"--accel-without {piece}", stacklevel=1)  # here: shown once per process
+    unknown = sorted(set(without) - set(accel.PIECES) - set(accel.REMOVED_PIECES))
     if unknown:
         raise ValueError(f"--accel-without: unknown piece(s) {', '.join(unknown)}; the pieces are: "
                          f"{', '.join(accel.PIECES)}")

@@ -21,11 +21,11 @@ def shared_path(*parts: str) -> Path:
 @pytest.fixture(autouse=True)
 def plain_path_after_each_test():
     """A test that turns the CPU fast path on (tta.accel, e.g. through a tta command) turns it off afterwards, so the
-    next test starts on the plain path (glibc's malloc settings, once applied, stay: there is no undo)."""
+    next test starts on the plain path."""
     yield
     from tta import accel
 
-    if any(accel.state()[piece] for piece in accel.PIECES if piece != "malloc"):
+    if any(accel.state()[piece] for piece in accel.PIECES):
         accel.disable()
 
 

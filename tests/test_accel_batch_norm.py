@@ -17,8 +17,8 @@ from tta.norm_layers import mixed_batch_norm as plain_mixed_batch_norm
 
 @pytest.fixture(autouse=True)
 def kernels_on():
-    """The kernels and fast BatchNorm of tta.accel on (the allocator pieces stay off: they are process-wide)."""
-    tta.accel.enable(tensor_cache=False, malloc=False)
+    """The kernels and fast BatchNorm of tta.accel on (the tensor cache stays off: it is process-wide)."""
+    tta.accel.enable(tensor_cache=False)
     yield
     tta.accel.disable()
 

@@ -27,8 +27,8 @@ def float64_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(autouse=True)
 def kernels_on():
-    """The kernels of tta.accel on (the allocator pieces stay off: they are process-wide)."""
-    tta.accel.enable(tensor_cache=False, malloc=False)
+    """The kernels of tta.accel on (the tensor cache stays off: it is process-wide)."""
+    tta.accel.enable(tensor_cache=False)
     yield
     tta.accel.disable()
 

@@ -53,13 +53,13 @@ def test_without_a_compiler_it_warns_once_and_runs_the_plain_path(tmp_path):
 
 def test_pieces_switch_one_by_one_and_disable_returns_to_the_plain_path():
     try:
-        on = tta.accel.enable(lean_graph=False, tensor_cache=False, malloc=False)
+        on = tta.accel.enable(lean_graph=False, tensor_cache=False)
         assert on["batch_norm"] and not on["lean_graph"] and not on["tensor_cache"]
         x = torch.rand(4, 3, 8, 8)
         assert tta.accel.fast_batch_norm(x) is not None
         assert tta.accel.lean_graph_mode(torch.rand(44, 3, 32, 32)) is None
         assert tta.accel.fast_batch_norm(x.to("meta")) is None  # the fast path is for CPU tensors only
-        tta.accel.enable(batch_norm=False, tensor_cache=False, malloc=False)
+        tta.accel.enable(batch_norm=False, tensor_cache=False)
         assert tta.accel.fast_batch_norm(x) is None and tta.accel.lean_graph_mode(torch.rand(44, 3, 32, 32))
     finally:
         off = tta.accel.disable()
@@ -69,12 +69,27 @@ def test_pieces_switch_one_by_one_and_disable_returns_to_the_plain_path():
         tta.accel.is_on("kernel")
 
 
+@pytest.mark.parametrize("malloc", [True, False])
+def test_the_removed_malloc_piece_warns_and_is_ignored(malloc):
+    try:
+        with pytest.warns(FutureWarning, match=rf"enable\(malloc={malloc}\): the malloc piece of tta.accel was "):
+            on = tta.accel.enable(kernels=False, lean_graph=False, tensor_cache=False, malloc=malloc)
+        assert on == {"kernels": False, "batch_norm": True, "lean_graph": False, "tensor_cache": False}
+        assert "malloc" not in tta.accel.state() and "malloc" not in tta.accel.PIECES
+        with pytest.warns(FutureWarning, match="malloc piece of tta.accel was removed"):
+            assert tta.accel.is_on("malloc") is False
+    finally:
+        tta.accel.disable()
+
+
 def test_the_deprecated_module_paths_warn_and_still_work():
     for old in ("tta.cpu_memory", "tta.lean_graph", "tta.native", "tta.tensor_cache"):
         sys.modules.pop(old, None)
         with pytest.warns(FutureWarning, match=f"{old} moved to tta.accel"):
             module = __import__(old, fromlist=["_"])
         assert module.__name__ == old
+    from tta.cpu_memory import malloc_settings
+    assert malloc_settings() is None  # glibc's malloc is no longer configured
     from tta.lean_graph import AUTO_MIN_INPUT_ELEMENTS, LeanGraph
     assert AUTO_MIN_INPUT_ELEMENTS == tta.accel.LEAN_GRAPH_MIN_INPUT_ELEMENTS
     with torch.enable_grad(), LeanGraph():

@@ -5,8 +5,8 @@ Tolerance: float32 predictions and norm-layer tensors agree within ``atol = rtol
 ``STEPS`` batches (the fast path sums the batch statistics in another order, so results differ by rounding;
 Adam's normalised steps keep the differences at that scale). Reset is bitwise: both paths return to the source
 tensors exactly. The batches hold at least 2^17 input elements, so the lean graph runs (it is checked).
-The allocator pieces are process-wide and change no value; they are covered by the subprocess tests of
-test_accel_tensor_cache.py and test_accel_allocator.py, and stay off here.
+The tensor cache is process-wide and changes no value; it is covered by the subprocess tests of
+test_accel_tensor_cache.py and test_accel_allocator.py, and stays off here.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tta.accel.lean_graph import LeanGraph
 
 STEPS = 3
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
-FAST_PIECES = {"kernels": True, "batch_norm": True, "lean_graph": True, "tensor_cache": False, "malloc": False}
+FAST_PIECES = {"kernels": True, "batch_norm": True, "lean_graph": True, "tensor_cache": False}
 
 
 def _model_and_batches(kind: str) -> tuple[nn.Module, list[torch.Tensor]]:

@@ -24,8 +24,8 @@ needs_kernels = pytest.mark.skipif(native.library() is None, reason=f"C kernels 
 
 @pytest.fixture(autouse=True)
 def kernels_on():
-    """The kernels and fast BatchNorm of tta.accel on (the allocator pieces stay off: they are process-wide)."""
-    tta.accel.enable(tensor_cache=False, malloc=False)
+    """The kernels and fast BatchNorm of tta.accel on (the tensor cache stays off: it is process-wide)."""
+    tta.accel.enable(tensor_cache=False)
     yield
     tta.accel.disable()
 
@@ -281,7 +281,7 @@ def test_accel_runs_large_cpu_batches_under_the_lean_graph():
     assert isinstance(adapted._graph_mode(large), LeanGraph)
     assert not isinstance(adapted._graph_mode(small), LeanGraph)
     assert not isinstance(adapted._graph_mode(torch.zeros(43, 3, 32, 32, device="meta")), LeanGraph)
-    tta.accel.enable(lean_graph=False, tensor_cache=False, malloc=False)
+    tta.accel.enable(lean_graph=False, tensor_cache=False)
     assert not isinstance(adapted._graph_mode(large), LeanGraph)
     tta.accel.disable()
     assert not isinstance(adapted._graph_mode(large), LeanGraph)

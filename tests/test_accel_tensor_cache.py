@@ -51,7 +51,7 @@ out["same_block"] = b.data_ptr() == pointer
 out["reuse"] = delta(before)
 del b
 
-# a small tensor is malloc's
+# a small tensor is left to PyTorch's default CPU allocator
 before = tc.counters()
 small = torch.empty(1000)
 out["small"] = delta(before)
@@ -141,7 +141,7 @@ for _ in range(3):
 out["tent_steady"] = delta(before)
 del adapted, net, batch
 
-# uninstall: new tensors are malloc's again; a cached-allocator tensor freed afterwards is still handled
+# uninstall: new tensors are the default allocator's again; a cached-allocator tensor freed afterwards is still handled
 before = tc.counters()
 out["uninstalled"] = tc.uninstall() and not tc.installed()
 later = torch.empty(MIB)
@@ -167,7 +167,7 @@ def test_freed_block_is_reused_by_the_same_size_class(probe):
 
 
 @needs_linux_cxx
-def test_small_tensors_are_left_to_malloc(probe):
+def test_small_tensors_are_left_to_the_default_allocator(probe):
     assert probe["small"] == {"blocks_mapped": 0, "blocks_unmapped": 0, "reuses": 0}
 
 
@@ -211,9 +211,9 @@ def test_a_repeated_tent_step_reuses_its_blocks(probe):
 
 
 @needs_linux_cxx
-def test_uninstall_restores_malloc_and_still_takes_back_its_blocks(probe):
+def test_uninstall_restores_the_default_allocator_and_still_takes_back_its_blocks(probe):
     assert probe["uninstalled"]
-    # the 4 MiB tensor allocated after uninstall is malloc's; the one from before goes back to the cache
+    # the 4 MiB tensor allocated after uninstall is the default allocator's; the one from before goes back to the cache
     assert probe["after_uninstall"]["blocks_mapped"] == 0
     assert probe["after_uninstall"]["live_bytes"] == 0
 

@@ -163,9 +163,19 @@ def test_bench_json_metadata(tiny_run: tuple[dict, str]) -> None:
     assert isinstance(result["versions"]["versions"]["torch"], str)
     assert result["versions"]["torch_threads"] == 1
     assert result["machine"]["start"]["cpu_count"] >= 1
+    start = result["machine"]["start"]  # the tensor cache's settings while it is installed
+    assert "malloc" not in start and (start["tensor_cache"] is not None) == result["accel"]["tensor_cache"]
     assert "random initialisation" in result["weights"]
     assert {g["goal"] for g in result["goals"]} >= {"norm <= 1.15x plain", "tent <= 2.5x plain"}
     assert set(result["accel"]) == {*tta.accel.PIECES, "notes"} and result["versions"]["accel"] == result["accel"]
+
+
+def test_the_settings_line_describes_the_tensor_cache() -> None:
+    from eval.bench_cli import tensor_cache_note
+
+    assert tensor_cache_note(None) == "off"
+    assert tensor_cache_note({"tensor_cache_threshold": 2**20, "tensor_cache_max_ratio": 2.0}) == \
+        "tensors of 1 MiB and more, mapped memory within 2x the most bytes live"
 
 
 def test_goals_use_paired_ratios() -> None:
@@ -228,7 +238,7 @@ def test_peak_tensor_bytes_follows_allocations_and_frees_in_order() -> None:
 def test_the_lean_graph_lowers_tent_s_tensor_peak() -> None:
     """ResNet-20 at batch 48 (the lean graph's default from 43 CIFAR images): autograd keeps two maps per
     convolution unit, the lean graph one and a bit mask."""
-    tta.accel.enable(tensor_cache=False, malloc=False)
+    tta.accel.enable(tensor_cache=False)
     try:
         lean = bench.measure_row_tensors(BenchConfig(batch_size=48, warmup=1, threads=1), "tent")["peak_tensor_mb"]
     finally:
@@ -238,8 +248,7 @@ def test_the_lean_graph_lowers_tent_s_tensor_peak() -> None:
 
 
 @pytest.mark.parametrize("flags, expected", [
-    # malloc is left out: glibc's settings, once applied in this process by an earlier test, stay (and are recorded)
-    (["--no-accel"], {piece: False for piece in tta.accel.PIECES if piece != "malloc"}),
+    (["--no-accel"], {piece: False for piece in tta.accel.PIECES}),
     (["--accel-without", "lean_graph,tensor_cache"], {"lean_graph": False, "tensor_cache": False, "batch_norm": True}),
 ])
 def test_bench_records_which_pieces_of_the_fast_path_were_on(flags, expected, tmp_path) -> None:
@@ -252,7 +261,16 @@ def test_bench_records_which_pieces_of_the_fast_path_were_on(flags, expected, tm
 
 def test_an_unknown_accel_piece_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
     assert tta_main(["bench", "--accel-without", "kernel", "--memory", "off"]) == 2
-    assert "unknown piece(s) kernel" in capsys.readouterr().err
+    assert f"unknown piece(s) kernel; the pieces are: {', '.join(tta.accel.PIECES)}\n" in capsys.readouterr().err
+
+
+def test_the_removed_malloc_piece_is_accepted_with_a_warning(tmp_path) -> None:
+    argv = ["bench", "--methods", "tent", "--batch-size", "4", "--repeats", "1", "--warmup", "0", "--threads", "1",
+            "--memory", "off", "--out", str(tmp_path), "--accel-without", "malloc,lean_graph"]
+    with pytest.warns(FutureWarning, match="--accel-without malloc: the malloc piece of tta.accel was removed"):
+        assert tta_main(argv) == 0
+    recorded = json.loads((tmp_path / "bench.json").read_text())["accel"]
+    assert "malloc" not in recorded and not recorded["lean_graph"] and recorded["batch_norm"]
 
 
 # -- small pieces and errors ----------------------------------------------------------------------------------------

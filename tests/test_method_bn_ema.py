@@ -245,7 +245,7 @@ def test_the_cpu_fast_path_gives_the_plain_path_s_values_to_rounding():
     runs = {}
     for fast in (False, True):
         if fast:
-            tta.accel.enable(kernels=True, batch_norm=True, lean_graph=False, tensor_cache=False, malloc=False)
+            tta.accel.enable(kernels=True, batch_norm=True, lean_graph=False, tensor_cache=False)
         try:
             model = conv_net()
             adapted = tta.adapt(model, "bn_ema")

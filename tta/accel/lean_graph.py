@@ -18,7 +18,8 @@ other operation is recorded as usual. The gradients are the same, bit for bit, a
 Not applied (the operation is recorded as usual): a convolution whose weight or bias is trained, string padding,
 autocast (its bfloat16 casts), a ReLU on a leaf or a view, in place; CPU ReLUs that are not float32 or where the
 C kernels are off (the ``kernels`` piece of :mod:`tta.accel`, ``TTA_NATIVE=0``, no compiler), in which case only
-the convolutions are lean, which saves nothing where the ReLU keeps the same map; ``torch.compile`` (it plans its own graph).
+the convolutions are lean, which saves nothing where the ReLU keeps the same map; ``torch.compile`` (it plans its own
+graph).
 
 Cost: each recorded operation is a Python autograd Function (tens of microseconds per call). On CPU that is lost in
 the arithmetic (tent on ResNet-20 at batch 200: the same time with and without, docs/performance.md); on a GPU,
@@ -27,8 +28,9 @@ CPU batches large enough to hide it (``tta.accel.LEAN_GRAPH_MIN_INPUT_ELEMENTS``
 ``with LeanGraph(): loss = objective(model(x))``, on any device.
 
 Memory: the bytes held in tensors fall by about a third (ResNet-20, batch 200: the step's peak 296 -> 182 MB). On
-CPU the process's RSS does not fall with them under glibc's malloc, whose placement of the freed maps leaves the
-heap as large as before (docs/performance.md, tensor_cache).
+CPU the process's RSS falls with them only under the tensor cache (the ``tensor_cache`` piece): with every tensor
+left to glibc's malloc, its placement of the freed maps leaves the heap as large as before (docs/performance.md,
+tensor_cache).
 """
 from __future__ import annotations
 

@@ -14,8 +14,9 @@ until mapped memory would stay within ``max_cached_ratio`` times the most live b
 :func:`release` unmaps every free block (``torch.cuda.empty_cache()``'s counterpart).
 
 It needs a C++ compiler and PyTorch's headers (built by :func:`install`, about 2 s, cached as
-:mod:`tta.accel.kernels` caches its kernels) and runs on Linux only; :func:`status` says why where it is not available, and nothing changes then.
-``tta.accel.enable()`` installs it (piece ``tensor_cache``; ``TTA_MALLOC=glibc`` keeps glibc's malloc for every tensor).
+:mod:`tta.accel.kernels` caches its kernels) and runs on Linux only; :func:`status` says why where it is not
+available, and nothing changes then. ``tta.accel.enable()`` installs it (piece ``tensor_cache``;
+``tta.accel.enable(tensor_cache=False)`` or ``--accel-without tensor_cache`` leaves every tensor to glibc's malloc).
 """
 from __future__ import annotations
 
