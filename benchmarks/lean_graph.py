@@ -8,7 +8,7 @@ mode: the bytes saved for the backward pass (``saved_tensors_hooks``), the peak 
 (the profiler's allocation records, as ``tta bench``'s tensor column), the peak RSS of each step (heap trimmed
 and VmHWM reset before it, as ``tta bench``'s memory column), the median step time (forward, entropy, backward;
 the trims make every step fault its pages in, so it is slower than in ``tta bench``), then the peak RSS of as many
-steps more without trims (malloc keeping what it freed, as the ``tta`` commands run: the heap's extent) above the
+steps more without trims (the allocator keeping what it freed, as the ``tta`` commands run) above the
 RSS before the first step, and whether the BatchNorm gradients equal autograd's bit for bit.
 
 ``--ab-rounds N`` then times the adapters themselves (``tta.adapt(model, method)`` under ``tta.accel.enable()``, the
@@ -91,7 +91,7 @@ def measure(mode: str, weights: str | None, batch: int, steps: int) -> dict[str,
         rows.append((time.perf_counter() - start, _status_kb("VmHWM") / 1024 - base))
         grads = [p.grad.clone() for p in adapted.params]
         adapted.optimizer.zero_grad(set_to_none=True)  # no update: every step sees the same parameters
-    retained = []  # as the tta commands run: no trims, malloc keeps what it freed, RSS = the heap's extent
+    retained = []  # as the tta commands run: no trims, the allocator keeps what it freed
     for _ in range(steps):
         _reset_peak_rss()
         step()

@@ -1,11 +1,12 @@
-"""Minor page faults and CPU time per batch of each ``tta bench`` row, with glibc's malloc as configured.
+"""Minor page faults and CPU time per batch of each ``tta bench`` row, on the CPU fast path as the ``tta`` commands
+set it.
 
     python benchmarks/page_faults.py --weights ../shared/data/models/akamaster-resnet-cifar10/resnet20-12fca82f.th
-    TTA_MALLOC=default python benchmarks/page_faults.py --weights ...   # glibc's own thresholds
+    python benchmarks/page_faults.py --weights ... --accel-without tensor_cache   # every tensor from glibc's malloc
 
-A page fault here is the kernel handing the process a fresh zeroed page: memory malloc returned to the system and
-the next batch touched again. Rows are built as ``tta bench`` builds them; faults are counted with ``getrusage``
-over ``--batches`` batches after ``--warmup``.
+A page fault here is the kernel handing the process a fresh zeroed page: memory the allocator returned to the
+system and the next batch touched again. Rows are built as ``tta bench`` builds them; faults are counted with
+``getrusage`` over ``--batches`` batches after ``--warmup``.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import time
 import torch
 
 from eval.bench import BenchConfig, build_model, build_row, make_inputs, random_source_options, row_names
+from eval.cli import accel_pieces, add_accel_arguments
 import tta
-from tta.accel.allocator import malloc_settings
+from tta.accel.allocator import settings as tensor_cache_settings
 
 
 def fault_cost_ms_per_100mb(repeats: int = 5) -> tuple[float, float]:
@@ -50,12 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=3)
+    add_accel_arguments(parser)
     args = parser.parse_args(argv)
-    tta.accel.enable()  # as the tta commands do (TTA_MALLOC=default: glibc's defaults)
+    pieces = accel_pieces(args)
+    if pieces is not None:
+        tta.accel.enable(**pieces)  # as the tta commands do
     torch.set_num_threads(1)
     config = BenchConfig(model=args.model, weights=args.weights, batch_size=args.batch_size, threads=1)
     inputs = make_inputs(config)
-    print(f"malloc: {malloc_settings() or 'glibc defaults'}")
+    print(f"tensor cache: {tensor_cache_settings() or 'off'}")
     warm, fresh = fault_cost_ms_per_100mb()
     print(f"writing 100 MB: {warm:.1f} ms to held pages, {fresh:.1f} ms to fresh pages (faulting in)")
     results = {}
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                          "cpu_s_per_batch": cpu}
         print(f"{name:26s} {faults:9.0f} faults/batch {faults * resource.getpagesize() / 1e6:7.1f} MB "
               f"{cpu * 1e3:7.0f} ms CPU")
-    print(json.dumps({"malloc": malloc_settings(), "write_100mb_ms": {"held": warm, "fresh": fresh},
+    print(json.dumps({"tensor_cache": tensor_cache_settings(), "write_100mb_ms": {"held": warm, "fresh": fresh},
                       "rows": results}))
     return 0
 

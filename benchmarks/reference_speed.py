@@ -45,7 +45,7 @@ generators), swapped in and out around its calls outside the timed region, so ro
 random streams. Reported per row: median ms per batch (IQR) and the paired ratio to plain inference at the same
 batch size (the median over rounds of row / plain in the same round); per method: ours / MD, paired, against the
 goal ours <= 1.5x MD. The CPU fast path is set as the ``tta`` command sets it for CPU runs (``tta.accel.enable()``
-unless ``--no-accel``); its process-wide pieces (the tensor cache, malloc settings) serve MD's rows too.
+unless ``--no-accel``); its process-wide piece (the tensor cache) serves MD's rows too.
 """
 from __future__ import annotations
 
