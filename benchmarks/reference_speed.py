@@ -74,7 +74,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import tta  # noqa: E402
-from eval.bench import BenchConfig, build_model, machine, make_inputs, quantile  # noqa: E402
+from eval.bench import (BenchConfig, build_model, describe_error, interleaved_rounds, machine,  # noqa: E402
+                        make_inputs, quantile)
 from eval.environment import versions  # noqa: E402
 from eval.models import model_entry  # noqa: E402
 from eval.records import write_json_atomic  # noqa: E402
@@ -375,7 +376,7 @@ def build_pair(reference: Reference, name: str, base: nn.Module, batch: int, inp
             options.update(tta.registry.method_class(name).source_options(base, source))
         o = tta.method_options(name)(**options)
     except Exception as error:
-        text = describe(error, "options")
+        text = describe_error(error, "options")
         return [], {ours_name: text, md_name: text}
     try:
         ours = tta.adapt(copy.deepcopy(base), name, **options)
@@ -386,7 +387,7 @@ def build_pair(reference: Reference, name: str, base: nn.Module, batch: int, inp
 
         rows.append(Row(ours_name, name, "ours", batch, ours_call, inputs, RandomState(args.seed)))
     except Exception as error:
-        errors[ours_name] = describe(error, "set-up")
+        errors[ours_name] = describe_error(error, "set-up")
     try:
         if name == "memo" and batch != 1:
             raise ValueError("MD's memo pools the views of every image of a batch: use --memo-batch-size 1")
@@ -395,7 +396,7 @@ def build_pair(reference: Reference, name: str, base: nn.Module, batch: int, inp
         md_inputs = [image for x in inputs for image in to_pil(x)] if name == "memo" else inputs
         rows.append(Row(md_name, name, "reference", batch, md_call, md_inputs, RandomState(args.seed)))
     except Exception as error:
-        errors[md_name] = describe(error, "set-up")
+        errors[md_name] = describe_error(error, "set-up")
     return rows, errors
 
 
@@ -412,28 +413,9 @@ def plain_row(base: nn.Module, batch: int, batch_size: int, inputs: list[torch.T
 # -- measurement --------------------------------------------------------------------------------------------------
 def time_rounds(rows: list[Row], repeats: int, errors: dict[str, str],
                 log: Callable[[str], None] = lambda s: None) -> dict[str, list[float]]:
-    """Per-row ms, interleaved: each round times one batch of every live row, the order rotated each round. A
-    method row that raises is dropped (its error in ``errors``); plain re-raises."""
-    times: dict[str, list[float]] = {row.name: [] for row in rows}
-    live = list(rows)
-    for r in range(repeats):
-        started = time.perf_counter()
-        shift = r % len(live)
-        for row in live[shift:] + live[:shift]:
-            try:
-                times[row.name].append(row.run())
-            except Exception as error:
-                if row.side == "plain":
-                    raise
-                errors[row.name] = describe(error, f"round {r + 1}")
-                live.remove(row)
-                del times[row.name]
-        log(f"round {r + 1}/{repeats}: {len(live)} rows in {time.perf_counter() - started:.1f} s")
-    return times
-
-
-def describe(error: BaseException, where: str) -> str:
-    return f"{type(error).__name__}: {error}".splitlines()[0][:300] + f" ({where})"
+    """Per-row ms in interleaved rounds (:func:`eval.bench.interleaved_rounds`); a method row that raises is dropped
+    (its error in ``errors``), plain re-raises."""
+    return interleaved_rounds(rows, repeats, lambda row, r: row.run(), lambda row: row.side == "plain", errors, log)
 
 
 def paired_median(numerator: list[float], denominator: list[float]) -> float:
@@ -591,7 +573,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
         except Exception as error:
             if row.side == "plain":
                 raise
-            by_meta[row.name]["error"] = describe(error, "warm-up")
+            by_meta[row.name]["error"] = describe_error(error, "warm-up")
             log(f"{row.name}: failed: {by_meta[row.name]['error']}")
     errors: dict[str, str] = {}
     log(f"timing {len(live)} rows x {args.repeats} rounds, interleaved")

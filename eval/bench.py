@@ -295,34 +295,46 @@ def compile_row(row: Row) -> None:
     row.module.compile()
 
 
-def time_rows(rows: list[Row], inputs: list[torch.Tensor], config: BenchConfig,
-              errors: dict[str, str] | None = None,
-              log: Callable[[str], None] = lambda s: None) -> dict[str, list[float]]:
-    """Per-row batch times (ms), interleaved: each repeat times one batch of every row, order rotated; ``log``
-    gets a line per round.
-
-    A row that raises is dropped from the remaining rounds and its error stored in ``errors`` (plain re-raises).
-    """
+def interleaved_rounds(rows: list[Any], repeats: int, time_one: Callable[[Any, int], float],
+                       required: Callable[[Any], bool], errors: dict[str, str] | None,
+                       log: Callable[[str], None], label: str = "round") -> dict[str, list[float]]:
+    """Per-row times, interleaved: each of ``repeats`` rounds times every live row once (``time_one(row, round)``,
+    rows named by ``row.name``), the order rotated each round, so a change of machine load hits all rows alike;
+    ``log`` gets a line per round. A row that raises is dropped from the remaining rounds and its error stored in
+    ``errors``; a ``required`` row (plain inference), or any row when ``errors`` is None, re-raises."""
     times: dict[str, list[float]] = {row.name: [] for row in rows}
     live = list(rows)
-    for r in range(config.repeats):
-        x = inputs[r % len(inputs)]
+    for r in range(repeats):
         shift = r % len(live)
         started = time.perf_counter()
         for row in live[shift:] + live[:shift]:
             try:
-                times[row.name].append(timed(lambda: row.call(x), config))
+                times[row.name].append(time_one(row, r))
             except Exception as error:
-                if row.name == PLAIN or errors is None:
+                if required(row) or errors is None:
                     raise
-                errors[row.name] = _describe(error, f"round {r + 1}")
+                errors[row.name] = describe_error(error, f"round {r + 1}")
                 live.remove(row)
                 del times[row.name]
-        log(f"timed round {r + 1}/{config.repeats}: {len(live)} rows in {time.perf_counter() - started:.1f} s")
+        log(f"{label} {r + 1}/{repeats}: {len(live)} rows in {time.perf_counter() - started:.1f} s")
     return times
 
 
-def _describe(error: Exception, where: str = "") -> str:
+def time_rows(rows: list[Row], inputs: list[torch.Tensor], config: BenchConfig,
+              errors: dict[str, str] | None = None,
+              log: Callable[[str], None] = lambda s: None) -> dict[str, list[float]]:
+    """Per-row batch times (ms) of :func:`interleaved_rounds`, round ``r`` on ``inputs[r % len(inputs)]``; plain
+    re-raises."""
+    def time_one(row: Row, r: int) -> float:
+        x = inputs[r % len(inputs)]
+        return timed(lambda: row.call(x), config)
+
+    return interleaved_rounds(rows, config.repeats, time_one, lambda row: row.name == PLAIN, errors, log,
+                              "timed round")
+
+
+def describe_error(error: BaseException, where: str = "") -> str:
+    """The first line of an error (at most 300 characters), and where it happened."""
     text = f"{type(error).__name__}: {error}".splitlines()[0][:300]
     return f"{text} ({where})" if where else text
 
@@ -649,7 +661,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = lambda s: None) 
         except Exception as error:  # a row that cannot run (e.g. compile failure) is reported, not fatal
             if name == PLAIN:
                 raise
-            record["error"] = _describe(error, "set-up, pass counting or warm-up")
+            record["error"] = describe_error(error, "set-up, pass counting or warm-up")
             log(f"{name}: failed: {record['error']}")
 
     log(f"timing {len(rows)} rows x {config.repeats} repeats, interleaved")
