@@ -30,10 +30,10 @@ from avalanche.benchmarks.utils.classification_dataset import _as_taskaware_supe
 from streams.datasets import class_balanced_subset, load_dataset, load_digits
 
 BENCHMARKS: dict[str, dict] = {
-    "split-digits": {"source": "digits", "tasks": 5},
-    "split-cifar10": {"source": "cifar10", "tasks": 5},
-    "split-cifar100": {"source": "cifar100", "tasks": 10},
-    "random-labels": {"source": "digits", "tasks": 10},
+    "split-digits": {"source": "digits", "tasks": 5, "classes": 10},
+    "split-cifar10": {"source": "cifar10", "tasks": 5, "classes": 10},
+    "split-cifar100": {"source": "cifar100", "tasks": 10, "classes": 100},
+    "random-labels": {"source": "digits", "tasks": 10, "classes": 10},
 }
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVES = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
@@ -71,6 +71,16 @@ class TaskStream:
     source: str
     kind: str = "class-incremental"
     notes: list[str] = field(default_factory=list)
+    task_sizes: list[int] = field(default_factory=list)  # classes per task ([] : classes_per_task each)
+    pretrain_classes: list[int] = field(default_factory=list)  # original class ids held out for pre-training
+    class_names: list[str] = field(default_factory=list)  # the data's class names, by original class id
+    pretrain_train: TensorImages | None = None  # training images of the held-out classes, labels 0..K-1
+    pretrain_test: TensorImages | None = None  # their test images (to report the backbone's own accuracy)
+
+    @property
+    def incremental_classes(self) -> list[int]:
+        """Original class ids of the stream's labels 0..num_classes-1, in the order they arrive."""
+        return self.class_order[len(self.pretrain_classes):]
 
     @property
     def train_stream(self):
@@ -115,21 +125,45 @@ def _subset(dataset, n: int | None, seed: int):
     return class_balanced_subset(dataset, n, seed)
 
 
+def incremental_task_sizes(num_classes: int, tasks: int, pretrain_classes: int = 0) -> list[int]:
+    """Classes per task of the stream over the classes left after pre-training: tasks of the usual size
+    ``num_classes / tasks``, the last one holding the remainder (``(10, 5, 5) -> [2, 2, 1]``)."""
+    if num_classes % tasks:
+        raise ValueError(f"{num_classes} classes do not split into {tasks} equal tasks")
+    if not 0 <= pretrain_classes < num_classes:
+        raise ValueError(f"pretrain_classes must be in [0, {num_classes - 1}], got {pretrain_classes}")
+    per_task, left = num_classes // tasks, num_classes - pretrain_classes
+    return [per_task] * (left // per_task) + ([left % per_task] if left % per_task else [])
+
+
 def _class_incremental(name: str, train, test, num_tasks: int, seed: int, shuffle_classes: bool,
-                       source: str) -> TaskStream:
+                       source: str, pretrain_classes: int = 0) -> TaskStream:
     num_classes = len(train.classes)
-    if num_classes % num_tasks:
-        raise ValueError(f"{num_classes} classes do not split into {num_tasks} equal tasks")
+    sizes = incremental_task_sizes(num_classes, num_tasks, pretrain_classes)
     order = list(range(num_classes))
     if shuffle_classes:
         order = np.random.default_rng(seed).permutation(num_classes).tolist()
     position = torch.empty(num_classes, dtype=torch.long)
     position[torch.tensor(order)] = torch.arange(num_classes)
-    datasets = {"train": TensorImages(train.images, position[train.labels]),
-                "test": TensorImages(test.images, position[test.labels])}
-    scenario = class_incremental_benchmark(datasets, class_order=list(range(num_classes)), num_experiences=num_tasks)
-    return TaskStream(name, scenario, num_tasks, num_classes // num_tasks, num_classes,
-                      tuple(train.images.shape[1:]), order, len(train), len(test), source)
+    k = pretrain_classes
+    train_pos, test_pos = position[train.labels], position[test.labels]
+    if k == 0:
+        datasets = {"train": TensorImages(train.images, train_pos), "test": TensorImages(test.images, test_pos)}
+        scenario = class_incremental_benchmark(datasets, class_order=list(range(num_classes)),
+                                               num_experiences=num_tasks)
+        return TaskStream(name, scenario, num_tasks, num_classes // num_tasks, num_classes,
+                          tuple(train.images.shape[1:]), order, len(train), len(test), source,
+                          task_sizes=sizes, class_names=list(train.classes))
+    keep_train, keep_test = train_pos >= k, test_pos >= k
+    datasets = {"train": TensorImages(train.images[keep_train], train_pos[keep_train] - k),
+                "test": TensorImages(test.images[keep_test], test_pos[keep_test] - k)}
+    scenario = class_incremental_benchmark(datasets, class_order=list(range(num_classes - k)),
+                                           num_classes_per_exp=sizes)
+    return TaskStream(name, scenario, len(sizes), num_classes // num_tasks, num_classes - k,
+                      tuple(train.images.shape[1:]), order, int(keep_train.sum()), int(keep_test.sum()), source,
+                      task_sizes=sizes, pretrain_classes=order[:k], class_names=list(train.classes),
+                      pretrain_train=TensorImages(train.images[~keep_train], train_pos[~keep_train]),
+                      pretrain_test=TensorImages(test.images[~keep_test], test_pos[~keep_test]))
 
 
 def _random_labels(train, num_tasks: int, num_classes: int, seed: int, source: str) -> TaskStream:
@@ -147,16 +181,23 @@ def _random_labels(train, num_tasks: int, num_classes: int, seed: int, source: s
 
 def build_benchmark(name: str, data: str | None = None, seed: int = 0, tasks: int | None = None,
                     n_train: int | None = None, n_test: int | None = None, image_size: int | None = None,
-                    shuffle_classes: bool = False, random_label_classes: int = 10) -> TaskStream:
+                    shuffle_classes: bool = False, random_label_classes: int = 10,
+                    pretrain_classes: int = 0) -> TaskStream:
     """Build a task stream by name (see :data:`BENCHMARKS`). ``data`` overrides the source (digits, a CIFAR
-    folder or an ImageFolder zip); subsets and random labels are seeded with ``seed``."""
+    folder or an ImageFolder zip); subsets and random labels are seeded with ``seed``. ``pretrain_classes``:
+    hold the first K classes of the order out for pre-training (module docstring)."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
     spec = data or default_data(BENCHMARKS[name]["source"])
     num_tasks = tasks or BENCHMARKS[name]["tasks"]
     train = _subset(load_split(spec, "train", image_size), n_train, seed)
     if name == "random-labels":
+        if pretrain_classes:
+            raise ValueError("random-labels has no classes to hold out for pre-training")
         return _random_labels(train, num_tasks, random_label_classes, seed, spec)
+    if pretrain_classes and len(train.classes) != BENCHMARKS[name]["classes"]:
+        raise ValueError(f"{spec} has {len(train.classes)} classes; pre-training on some of them needs the "
+                         f"{BENCHMARKS[name]['classes']} of {name}")
     if name == "split-cifar100" and len(train.classes) != 100:
         raise ValueError(f"{spec} has {len(train.classes)} classes, split-cifar100 needs 100")
     if name == "split-cifar10" and len(train.classes) != 10:
@@ -164,4 +205,4 @@ def build_benchmark(name: str, data: str | None = None, seed: int = 0, tasks: in
     test = _subset(load_split(spec, "test", image_size), n_test, seed)
     if test.classes != train.classes:
         raise ValueError(f"{spec}: train and test classes differ")
-    return _class_incremental(name, train, test, num_tasks, seed, shuffle_classes, spec)
+    return _class_incremental(name, train, test, num_tasks, seed, shuffle_classes, spec, pretrain_classes)
