@@ -7,6 +7,9 @@ Examples::
         --batch-size 10 --epochs 1 --seeds 0,1,2 --out DIR
     tta continual --benchmark split-cifar10 --method nmc --backbone cifar10_resnet56 --weights PATH --out DIR
     tta continual --benchmark random-labels --method sgd --norm nap --tasks 10 --out DIR
+    tta continual --method nmc --pretrain-classes 5 --out DIR   # cnn pre-trained on digits 0-4; NMC on 5-9
+    tta continual --method linear_probe --pretrain-classes 5 --out DIR   # its upper bound (same backbone)
+    tta continual --method sgd --pretrain-classes 5 --out DIR            # its lower bound: fine-tuning
 """
 from __future__ import annotations
 
@@ -44,14 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shuffle-classes", action="store_true", help="seeded class order instead of 0..C-1")
     g = parser.add_argument_group("method")
     g.add_argument("--method", default=d.method, choices=METHODS,
-                   help="sgd (fine-tuning), er / er_ace (joint-forward replay), nmc (nearest mean, frozen backbone)")
+                   help="sgd (fine-tuning), er / er_ace (joint-forward replay), nmc (nearest mean, frozen backbone), "
+                        "linear_probe (softmax layer refitted on every feature seen so far: NMC's upper bound)")
     g.add_argument("--norm", default=d.norm, choices=NORMS,
                    help="bn (default): the model's BatchNorm; none: no normalisation; adab2n: BN replaced by "
                         "AdaB2N; layer / rms: LayerNorm / RMSNorm inserted before every nonlinearity; nap: inserted "
-                        "norm + projection. Not for nmc, whose backbone is frozen")
+                        "norm + projection. Not for a loaded --backbone (nmc, linear_probe): it keeps its own "
+                        "layers")
     g.add_argument("--model", default=None, choices=["resnet18-reduced", "cnn", "mlp"],
-                   help="trained network (default: resnet18-reduced for CIFAR, cnn for digits, mlp for "
-                        "random-labels)")
+                   help="trained (or, with --pretrain-classes, pre-trained) network (default: resnet18-reduced for "
+                        "CIFAR, cnn for digits, mlp for random-labels)")
     g.add_argument("--width", type=int, default=None, help="ResNet nf (default 20) or CNN width (default 32)")
     g.add_argument("--hidden", type=_ints, default=d.hidden, help="MLP hidden widths, comma-separated")
     g.add_argument("--epochs", type=int, default=None, help="passes per task (default 1: online)")
@@ -86,6 +91,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "file is found (network); data is never downloaded: give it with --data")
     g.add_argument("--nmc-metric", default=d.nmc_metric, choices=["euclidean", "cosine"])
     g.add_argument("--nmc-renormalize", action="store_true", help="unit-normalise the class means")
+    g.add_argument("--probe-l2", type=float, default=d.probe_l2, help="linear_probe: L2 weight of the softmax layer")
+    g = parser.add_argument_group("pre-trained backbone (class-incremental for real)")
+    g.add_argument("--pretrain-classes", type=int, default=None, metavar="K",
+                   help="pre-train --model on the training images of the first K classes of the class order only "
+                        "(cross-entropy), then learn the other classes incrementally: frozen under nmc and "
+                        "linear_probe, fine-tuned with a fresh head by the trained methods. Not with "
+                        "--backbone/--weights")
+    g.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs)
+    g.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr, help="SGD (momentum 0.9, cosine to 0)")
+    g.add_argument("--pretrain-batch-size", type=int, default=d.pretrain_batch_size)
     g = parser.add_argument_group("run")
     g.add_argument("--seeds", type=_seeds, default=d.seeds, help="comma-separated seeds (default 0)")
     g.add_argument("--out", required=True, help="output folder (rerunning with the same folder resumes)")
@@ -107,8 +122,9 @@ def config_from_args(args: argparse.Namespace) -> ContinualConfig:
         adab2n_prior=args.adab2n_prior, reg_start_task=args.reg_start_task, nap_kind=args.nap_kind,
         nap_every=args.nap_every, nap_project_output=args.nap_project_output,
         nap_project_affine=not args.nap_no_affine, backbone=args.backbone, weights=args.weights,
-        nmc_metric=args.nmc_metric, nmc_renormalize=args.nmc_renormalize, seeds=args.seeds, device=args.device,
-        threads=args.threads)
+        nmc_metric=args.nmc_metric, nmc_renormalize=args.nmc_renormalize, probe_l2=args.probe_l2,
+        pretrain_classes=args.pretrain_classes, pretrain_epochs=args.pretrain_epochs, pretrain_lr=args.pretrain_lr,
+        pretrain_batch_size=args.pretrain_batch_size, seeds=args.seeds, device=args.device, threads=args.threads)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = config_from_args(args).resolved()
+        if args.download and config.pretrain_classes is not None:
+            raise ValueError(f"--pretrain-classes {config.pretrain_classes} and --download both choose the feature "
+                             "extractor (--download fetches a --backbone's published weights): give one of them")
     except ValueError as error:  # an invalid combination of options
         print(f"tta continual: {error}")
         return 2

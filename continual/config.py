@@ -10,7 +10,8 @@ import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-METHODS = ("sgd", "er", "er_ace", "nmc")
+METHODS = ("sgd", "er", "er_ace", "nmc", "linear_probe")
+FROZEN = ("nmc", "linear_probe")  # methods on a frozen feature extractor (a loaded --backbone or a pre-trained one)
 NORMS = ("bn", "none", "adab2n", "layer", "rms", "nap")
 SCHEDULES = ("constant", "linear", "cosine", "cosine-per-task")
 
@@ -32,7 +33,16 @@ RESUMABLE_CHANGES = ("seeds", "device", "threads")
 
 
 def _trained(c: "ContinualConfig") -> bool:
-    return c.method != "nmc"
+    return c.method not in FROZEN
+
+
+def _pretrained(c: "ContinualConfig") -> bool:
+    return c.pretrain_classes is not None
+
+
+def _builds_network(c: "ContinualConfig") -> bool:
+    """The run builds its --model: to train it, or to pre-train it as a frozen method's feature extractor."""
+    return _trained(c) or _pretrained(c)
 
 
 def _digits(c: "ContinualConfig") -> bool:
@@ -56,11 +66,14 @@ def default_model(benchmark: str, norm: str | None) -> str:
 # refused. Checked before the benchmark's defaults fill the fields left as None; the values that resolution itself
 # sets (nmc's norm "none" and single epoch, sgd's empty buffer) count as not given, so resolving is idempotent.
 INAPPLICABLE: tuple[tuple[str, str, Any, str], ...] = (
-    ("norm", "--norm", _trained, "trained methods (nmc keeps its frozen backbone's own layers)"),
-    ("model", "--model", _trained, "trained methods (nmc uses --backbone)"),
-    ("width", "--width", lambda c: _trained(c) and _model(c) != "mlp", "the cnn and resnet18-reduced models"),
-    ("hidden", "--hidden", lambda c: _trained(c) and _model(c) == "mlp", "the mlp model"),
-    ("epochs", "--epochs", _trained, "trained methods (nmc makes one pass to compute its class means)"),
+    ("norm", "--norm", _builds_network,
+     "trained methods and --pretrain-classes (a loaded --backbone keeps its own layers)"),
+    ("model", "--model", _builds_network,
+     "trained methods and --pretrain-classes (nmc and linear_probe otherwise use --backbone)"),
+    ("width", "--width", lambda c: _builds_network(c) and _model(c) != "mlp", "the cnn and resnet18-reduced models"),
+    ("hidden", "--hidden", lambda c: _builds_network(c) and _model(c) == "mlp", "the mlp model"),
+    ("epochs", "--epochs", _trained,
+     "trained methods (nmc and linear_probe make one pass over each task; see --pretrain-epochs)"),
     ("optimizer", "--optimizer", _trained, "trained methods"),
     ("lr", "--lr", _trained, "trained methods"),
     ("momentum", "--momentum", lambda c: _trained(c) and c.optimizer == "sgd", "--optimizer sgd"),
@@ -77,10 +90,16 @@ INAPPLICABLE: tuple[tuple[str, str, Any, str], ...] = (
     ("nap_every", "--nap-every", lambda c: c.norm == "nap", "--norm nap"),
     ("nap_project_output", "--nap-project-output", lambda c: c.norm == "nap", "--norm nap"),
     ("nap_project_affine", "--nap-no-affine", lambda c: c.norm == "nap", "--norm nap"),
-    ("backbone", "--backbone", lambda c: not _trained(c), "--method nmc (trained methods use --model)"),
-    ("weights", "--weights", lambda c: not _trained(c), "--method nmc (the backbone's checkpoint)"),
-    ("nmc_metric", "--nmc-metric", lambda c: not _trained(c), "--method nmc"),
-    ("nmc_renormalize", "--nmc-renormalize", lambda c: not _trained(c), "--method nmc"),
+    ("backbone", "--backbone", lambda c: not _trained(c), "--method nmc or linear_probe (trained methods use --model)"),
+    ("weights", "--weights", lambda c: not _trained(c), "--method nmc or linear_probe (the backbone's checkpoint)"),
+    ("nmc_metric", "--nmc-metric", lambda c: c.method == "nmc", "--method nmc"),
+    ("nmc_renormalize", "--nmc-renormalize", lambda c: c.method == "nmc", "--method nmc"),
+    ("probe_l2", "--probe-l2", lambda c: c.method == "linear_probe", "--method linear_probe"),
+    ("pretrain_classes", "--pretrain-classes", lambda c: c.benchmark != "random-labels",
+     "class-incremental benchmarks"),
+    ("pretrain_epochs", "--pretrain-epochs", _pretrained, "--pretrain-classes"),
+    ("pretrain_lr", "--pretrain-lr", _pretrained, "--pretrain-classes"),
+    ("pretrain_batch_size", "--pretrain-batch-size", _pretrained, "--pretrain-classes"),
     ("image_size", "--image-size", _digits, "digits (other data keep their stored size)"),
     ("n_test", "--n-test", lambda c: c.benchmark != "random-labels",
      "class-incremental benchmarks (random-labels tests on its training inputs)"),
@@ -96,7 +115,7 @@ class ContinualConfig:
     benchmark: str = "split-digits"
     data: str | None = None
     method: str = "er"
-    norm: str | None = None  # None: bn for trained methods, none for nmc
+    norm: str | None = None  # None: bn when the run builds its --model, none for a loaded --backbone
     model: str | None = None
     width: int | None = None
     hidden: list[int] = field(default_factory=lambda: [256, 256])
@@ -131,6 +150,13 @@ class ContinualConfig:
     weights: str | None = None
     nmc_metric: str = "euclidean"
     nmc_renormalize: bool = False
+    # linear probe (upper bound on a frozen extractor: continual/probe.py)
+    probe_l2: float = 1e-4
+    # pre-training the run's --model on the first K classes of the class order (continual/pretrain.py)
+    pretrain_classes: int | None = None
+    pretrain_epochs: int = 10
+    pretrain_lr: float = 0.05
+    pretrain_batch_size: int = 32
     # run
     seeds: list[int] = field(default_factory=lambda: [0])
     device: str = "cpu"
@@ -146,19 +172,24 @@ class ContinualConfig:
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
         if self.norm is not None and self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; known: {', '.join(NORMS)}")
+        self._check_extractor()
         self._check_applicable()
         updates = {k: v for k, v in _DEFAULTS[self.benchmark].items() if getattr(self, k) is None}
-        if self.model is None and self.method != "nmc":
+        if self.model is None and _builds_network(self):
             updates["model"] = default_model(self.benchmark, self.norm)
         config = replace(self, **updates)
         if config.adab2n_task_source is None:
             config.adab2n_task_source = "experience" if config.benchmark == "random-labels" else "label"
-        if config.method == "nmc":
+        if not _trained(config):
+            config.epochs = 1
+        if not _builds_network(config):
             config.backbone = config.backbone or "cifar10_resnet56"
             config.norm = "none"
-            config.epochs = 1
         else:
             config.norm = config.norm or "bn"
+            if _pretrained(config) and config.norm in ("adab2n", "nap"):
+                raise ValueError(f"--norm {config.norm} cannot apply with --pretrain-classes: the pre-training is "
+                                 "plain cross-entropy on the model's own layers (use bn, none, layer or rms)")
             if config.norm in ("layer", "rms", "nap") and config.model == "resnet18-reduced":
                 raise ValueError(f"--norm {config.norm} inserts norms into nn.Sequential models (cnn, mlp); "
                                  "the reduced ResNet-18 applies F.relu inside its blocks")
@@ -183,6 +214,16 @@ class ContinualConfig:
             raise ValueError("buffer must be >= 0, epochs and batch size >= 1")
         if config.method == "sgd":
             config.buffer = 0
+        if config.probe_l2 <= 0:
+            raise ValueError("--probe-l2 must be > 0 (without it the probe's optimum does not exist on separable "
+                             "features)")
+        if _pretrained(config):
+            classes = BENCHMARKS[config.benchmark]["classes"]
+            if not 1 <= config.pretrain_classes < classes:
+                raise ValueError(f"--pretrain-classes must be in [1, {classes - 1}] for {config.benchmark} "
+                                 f"({classes} classes; the rest are learned incrementally)")
+            if config.pretrain_epochs < 1 or config.pretrain_batch_size < 1 or config.pretrain_lr <= 0:
+                raise ValueError("--pretrain-epochs and --pretrain-batch-size must be >= 1, --pretrain-lr > 0")
         if config.data is None:  # record where the data is read from, not null
             from continual.benchmarks import BENCHMARKS, default_data
 
@@ -190,6 +231,14 @@ class ContinualConfig:
         if not config.seeds:
             raise ValueError("at least one seed")
         return config
+
+    def _check_extractor(self) -> None:
+        """``--pretrain-classes`` and ``--backbone`` / ``--weights`` both choose the feature extractor: refuse both."""
+        given = [f"--{name} {getattr(self, name)}" for name in ("backbone", "weights") if getattr(self, name)]
+        if self.pretrain_classes is not None and given:
+            raise ValueError(f"--pretrain-classes {self.pretrain_classes} and {' and '.join(given)} both choose the "
+                             "feature extractor (--pretrain-classes trains --model on the first classes; "
+                             "--backbone/--weights load a pretrained network): give one of them")
 
     def _check_applicable(self) -> None:
         """Refuse an option given (set away from its default) where it cannot apply: see :data:`INAPPLICABLE`."""
@@ -199,7 +248,7 @@ class ContinualConfig:
             value = getattr(self, name)
             if value in (getattr(defaults, name), resolution.get(name, getattr(defaults, name))) or applies(self):
                 continue
-            norm = self.norm or ("bn" if _trained(self) else None)
+            norm = self.norm or ("bn" if _builds_network(self) else None)
             run = f"--method {self.method}" + (f" --norm {norm}" if norm and name != "norm" else "")
             shown = "" if isinstance(value, bool) else f" {_shown(value)}"
             raise ValueError(f"{flag}{shown} cannot apply to this run ({run}, --benchmark {self.benchmark}): it is "

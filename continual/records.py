@@ -23,12 +23,13 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     return ResultsLog(path).read()
 
 
-EXPERIENCE, SUMMARY = "experience", "summary"
+EXPERIENCE, SUMMARY, BACKBONE = "experience", "summary", "backbone"
 
 
 def kind_of(record: dict[str, Any]) -> str:
-    """A record's kind: ``"experience"`` (one row of the accuracy matrix) or ``"summary"`` (a seed's metrics, after
-    its last experience). Records written before kinds existed have no ``kind``: they are experience records."""
+    """A record's kind: ``"experience"`` (one row of the accuracy matrix), ``"summary"`` (a seed's metrics, after
+    its last experience) or ``"backbone"`` (a seed's pre-trained backbone, before its first experience: what it was
+    trained on). Records written before kinds existed have no ``kind``: they are experience records."""
     return record.get("kind", EXPERIENCE)
 
 
@@ -40,6 +41,11 @@ def experience_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]
 def summary_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The per-seed summary records among ``records``, in file order."""
     return [record for record in records if kind_of(record) == SUMMARY]
+
+
+def backbone_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-seed backbone records among ``records`` (runs with --pretrain-classes), in file order."""
+    return [record for record in records if kind_of(record) == BACKBONE]
 
 
 def latest_by_key(records: Iterable[dict[str, Any]], keys: tuple[str, ...] = ("seed", "experience")) -> list[dict]:

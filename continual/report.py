@@ -4,7 +4,8 @@ same metrics, computed by :func:`seed_metrics`): accuracy matrices, metrics over
 Files written into the run folder: ``accuracy_matrix.csv`` / ``.md`` (mean over complete seeds, ± std in the
 Markdown), ``accuracy_matrix_seeds.csv`` (long format: seed, after_task, task, accuracy), ``heatmap.png``,
 ``summary.json`` and ``summary.md`` (final average accuracy, average incremental accuracy, forgetting, BWT as
-mean ± std over seeds, and a per-experience table with the accuracy on the newest task and the weight norm).
+mean ± std over seeds, and a per-experience table with the accuracy on the newest task and the weight norm; for a
+run with a pre-trained backbone, the classes it was trained on, per seed, from the backbone records).
 With a single seed the spread is undefined: no ± is printed and the std is null in summary.json.
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from continual.metrics import aggregate, summary
-from continual.records import experience_records, latest_by_key, read_records, write_json, write_text
+from continual.records import (backbone_records, experience_records, latest_by_key, read_records, write_json,
+                               write_text)
 from eval.report import pyplot
 
 METRIC_LABELS = {
@@ -107,6 +109,9 @@ def write_report(out_dir: str | Path) -> dict[str, Any]:
     config = json.loads(config_path.read_text())["config"] if config_path.exists() else {}
     matrices, partial = seed_matrices(records)
     result: dict[str, Any] = {"seeds": sorted(matrices), "incomplete_seeds": partial, "config": config}
+    backbones = {str(r["seed"]): r for r in backbone_records(records)}
+    if backbones:
+        result["backbone"] = backbones
     if not matrices:
         write_json(out_dir / "summary.json", result)
         return result
@@ -137,6 +142,8 @@ def summary_markdown(result: dict[str, Any], title: str) -> str:
     lines = [f"# {title}", "", f"seeds: {', '.join(map(str, result['seeds']))}"]
     if result["incomplete_seeds"]:
         lines.append(f"incomplete seeds (not in the means): {', '.join(map(str, result['incomplete_seeds']))}")
+    if result.get("backbone"):
+        lines += [""] + [f"- {backbone_line(seed, record)}" for seed, record in result["backbone"].items()]
     lines += ["", "| metric | mean ± std (%) |" if len(result["seeds"]) > 1 else "| metric | % |", "|---|---|"]
     for name, label in METRIC_LABELS.items():
         lines.append(f"| {label} | {mean_and_spread(result['metrics'][name])} |")
@@ -149,6 +156,14 @@ def summary_markdown(result: dict[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def backbone_line(seed: str, record: dict[str, Any]) -> str:
+    """What a seed's pre-trained backbone was trained on, in words (from its backbone record)."""
+    return (f"seed {seed}: backbone {record['model']} ({record['norm']}) pre-trained on classes "
+            f"{', '.join(record['trained_on_class_names'])} only ({record['n_images']} images x {record['epochs']} "
+            f"epochs, {100 * record['test_accuracy_on_trained_classes']:.1f} % on their test images); learned "
+            f"incrementally: classes {', '.join(record['incremental_class_names'])}")
+
+
 def print_report(result: dict[str, Any]) -> str:
     """Plain-text table and metrics for the terminal."""
     if "metrics" not in result:
@@ -157,7 +172,8 @@ def print_report(result: dict[str, Any]) -> str:
     std = result["accuracy_matrix_std"]
     over = (f"mean ± std over seeds {', '.join(map(str, result['seeds']))}" if std is not None
             else f"seed {result['seeds'][0]}")
-    text = [f"accuracy matrix (%), {over}", format_matrix(mean_R, None if std is None else np.array(std))]
+    text = [backbone_line(seed, record) for seed, record in result.get("backbone", {}).items()]
+    text += [f"accuracy matrix (%), {over}", format_matrix(mean_R, None if std is None else np.array(std))]
     for name, label in METRIC_LABELS.items():
         text.append(f"{label}: {mean_and_spread(result['metrics'][name])} %")
     return "\n".join(text)

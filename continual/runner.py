@@ -8,6 +8,10 @@ four metrics of :func:`continual.report.seed_metrics`), so results.jsonl alone h
 the same output folder skips finished seeds (appending a summary record that is missing, once) and resumes an
 unfinished one after its last checkpointed experience; because the RNG states are restored, the resumed run
 continues exactly as the uninterrupted one would have. A finished seed's checkpoint is deleted.
+
+With ``pretrain_classes``, each seed first pre-trains its backbone (:mod:`continual.pretrain`) and appends one
+``"kind": "backbone"`` record (the classes it was trained on, images, epochs, fingerprint) before its first
+experience; a resumed seed loads the backbone from its checkpoint instead of training it again.
 """
 from __future__ import annotations
 
@@ -30,12 +34,15 @@ from avalanche.core import SupervisedPlugin
 from avalanche.training.plugins import EvaluationPlugin
 
 from continual import adab2n, nap
-from continual.benchmarks import BENCHMARKS, TaskStream, build_benchmark, default_data, shared_data_dir
-from continual.config import ContinualConfig, library_versions
+from continual.benchmarks import (BENCHMARKS, TaskStream, build_benchmark, default_data, incremental_task_sizes,
+                                  shared_data_dir)
+from continual.config import FROZEN, ContinualConfig, library_versions
 from continual.models import build_model
 from continual.nmc import ForwardFeatures, NMCClassifier, NMCStrategy, feature_dim
-from continual.records import (EXPERIENCE, SUMMARY, append_record, experience_records, load_checkpoint, read_records,
-                               save_checkpoint, summary_records, write_json)
+from continual.pretrain import describe_backbone, pretrain, replace_head
+from continual.probe import LinearProbe, LinearProbeStrategy
+from continual.records import (BACKBONE, EXPERIENCE, SUMMARY, append_record, backbone_records, experience_records,
+                               load_checkpoint, read_records, save_checkpoint, summary_records, write_json)
 from continual.report import seed_metrics
 from continual.replay import JointReplay
 from continual.schedules import LRSchedulePlugin, make_schedule
@@ -133,7 +140,7 @@ def default_backbone_weights(backbone: str) -> str | None:
 def resolve_backbone_weights(config: ContinualConfig, download: bool = False) -> ContinualConfig:
     """NMC's backbone checkpoint made explicit (so config.json records the file used): ``--weights``, else the
     shared copy, else a download (``--download``); refused when none is found."""
-    if config.method != "nmc" or config.weights is not None:
+    if config.method not in FROZEN or config.pretrain_classes is not None or config.weights is not None:
         return config
     from eval.models import download_weights, model_entry
 
@@ -144,17 +151,20 @@ def resolve_backbone_weights(config: ContinualConfig, download: bool = False) ->
     if weights is None:
         shared = shared_data_dir() / "models" / "akamaster-resnet-cifar10" / (entry.weights_file or "<file>")
         fetch = ", or --download to fetch the published one" if entry.weights_url else ""
-        raise FileNotFoundError(f"--method nmc needs the weights of its backbone {config.backbone}: pass --weights "
-                                f"PATH, put the checkpoint at {shared} (the shared data folder, $TTA_SHARED_DATA)"
-                                f"{fetch}")
+        raise FileNotFoundError(f"--method {config.method} needs the weights of its backbone {config.backbone}: "
+                                f"pass --weights PATH, put the checkpoint at {shared} (the shared data folder, "
+                                f"$TTA_SHARED_DATA){fetch}")
     return replace(config, weights=weights)
 
 
-def build_network(config: ContinualConfig, stream: TaskStream) -> tuple[nn.Module, nap.NaP | None]:
-    """The trained network with its normalisation variant applied (before the optimizer is built)."""
+def build_network(config: ContinualConfig, stream: TaskStream,
+                  num_classes: int | None = None) -> tuple[nn.Module, nap.NaP | None]:
+    """The trained network with its normalisation variant applied (before the optimizer is built); ``num_classes``
+    outputs (default: the stream's classes)."""
     channels, size, _ = stream.image_shape
     batch_norm = config.norm in ("bn", "adab2n")
-    model = build_model(config.model, stream.num_classes, channels, size, config.width, config.hidden, batch_norm)
+    model = build_model(config.model, num_classes or stream.num_classes, channels, size, config.width, config.hidden,
+                        batch_norm)
     projector = None
     if config.norm == "adab2n":
         adab2n.convert_model(model, stream.num_tasks, config.kappa, prior=config.adab2n_prior)
@@ -167,23 +177,58 @@ def build_network(config: ContinualConfig, stream: TaskStream) -> tuple[nn.Modul
     return model.to(config.device), projector
 
 
-def build_strategy(config: ContinualConfig, stream: TaskStream, seed: int, progress: bool):
-    """(strategy, {name: stateful plugin}, AccuracyPlugin) for one seed."""
+def pretrained_backbone(config: ContinualConfig, stream: TaskStream, seed: int, out_dir: Path,
+                        train: bool = True) -> nn.Module:
+    """The seed's backbone: ``--model`` with a head over the held-out classes, pre-trained on their training images
+    (``train=False``: only built, for a resumed seed whose checkpoint holds the trained weights). Appends the seed's
+    backbone record to results.jsonl (once) and its pre-training time to timings.jsonl."""
+    model, _ = build_network(config, stream, num_classes=len(stream.pretrain_classes))
+    if not train:
+        return model
+    t0 = time.perf_counter()
+    report = pretrain(model, stream.pretrain_train, epochs=config.pretrain_epochs, lr=config.pretrain_lr,
+                      batch_size=config.pretrain_batch_size, seed=seed, device=config.device)
+    seconds = time.perf_counter() - t0
+    results = out_dir / "results.jsonl"
+    if any(r.get("seed") == seed for r in backbone_records(read_records(results))):
+        return model  # killed after this record, before the first checkpoint: trained again, identically
+    record = {"kind": BACKBONE, "seed": seed, "model": config.model, "norm": config.norm,
+              **describe_backbone(model, stream, report, config.eval_batch_size, config.device)}
+    append_record(results, record, kill_points_here=True)
+    append_record(out_dir / "timings.jsonl", {"seed": seed, "pretrain_seconds": round(seconds, 3)})
+    return model
+
+
+def build_strategy(config: ContinualConfig, stream: TaskStream, seed: int, progress: bool,
+                   backbone: nn.Module | None = None):
+    """(strategy, {name: stateful plugin}, AccuracyPlugin) for one seed. ``backbone``: the pre-trained network
+    (:func:`pretrained_backbone`): frozen as the extractor of nmc / linear_probe, or given a fresh head and trained
+    by the other methods."""
     accuracy = AccuracyPlugin()
     plugins: list[SupervisedPlugin] = [accuracy, ProgressPlugin(progress)]
     evaluator = quiet_evaluator()
-    if config.method == "nmc":
-        from eval.models import load_model
+    if config.method in FROZEN:
+        if backbone is None:
+            from eval.models import load_model
 
-        backbone = load_model(config.backbone, weights=config.weights, device=config.device)
+            backbone = load_model(config.backbone, weights=config.weights, device=config.device)
         extractor = ForwardFeatures(backbone)
-        model = NMCClassifier(extractor, stream.num_classes, feature_dim(extractor, stream.image_shape),
-                              metric=config.nmc_metric, renormalize=config.nmc_renormalize)
-        batch = max(config.batch_size, config.eval_batch_size)  # the means do not depend on batching
-        strategy = NMCStrategy(model=model, train_mb_size=batch, eval_mb_size=config.eval_batch_size,
-                               device=config.device, plugins=plugins, evaluator=evaluator)
+        dim = feature_dim(extractor, stream.image_shape)
+        batch = max(config.batch_size, config.eval_batch_size)  # neither result depends on the batching
+        if config.method == "nmc":
+            model = NMCClassifier(extractor, stream.num_classes, dim, metric=config.nmc_metric,
+                                  renormalize=config.nmc_renormalize)
+            strategy = NMCStrategy(model=model, train_mb_size=batch, eval_mb_size=config.eval_batch_size,
+                                   device=config.device, plugins=plugins, evaluator=evaluator)
+        else:
+            model = LinearProbe(extractor, stream.num_classes, dim, l2=config.probe_l2)
+            strategy = LinearProbeStrategy(model=model, train_mb_size=batch, eval_mb_size=config.eval_batch_size,
+                                           device=config.device, plugins=plugins, evaluator=evaluator)
         return strategy, {}, accuracy
-    model, projector = build_network(config, stream)
+    if backbone is not None:
+        model, projector = replace_head(backbone, stream.num_classes).to(config.device), None
+    else:
+        model, projector = build_network(config, stream)
     stateful: dict[str, Any] = {}
     steps_per_task = math.ceil(stream.n_train / stream.num_tasks / config.batch_size) * config.epochs
     if stream.kind == "random-labels":
@@ -252,7 +297,15 @@ def _diagnostics(model: nn.Module) -> dict[str, Any]:
 def build_seed_stream(config: ContinualConfig, seed: int) -> TaskStream:
     """The task stream of one seed (subsets and class order are seeded)."""
     return build_benchmark(config.benchmark, config.data, seed, config.tasks, config.n_train, config.n_test,
-                           config.image_size, config.shuffle_classes)
+                           config.image_size, config.shuffle_classes, pretrain_classes=config.pretrain_classes or 0)
+
+
+def num_tasks(config: ContinualConfig) -> int:
+    """The number of experiences of the run's stream (fewer with --pretrain-classes: only the other classes)."""
+    tasks = config.tasks or BENCHMARKS[config.benchmark]["tasks"]
+    if config.pretrain_classes is None:
+        return tasks
+    return len(incremental_task_sizes(BENCHMARKS[config.benchmark]["classes"], tasks, config.pretrain_classes))
 
 
 def run_seed(config: ContinualConfig, seed: int, out_dir: str | Path, progress: bool = True,
@@ -264,7 +317,7 @@ def run_seed(config: ContinualConfig, seed: int, out_dir: str | Path, progress: 
     results = out_dir / "results.jsonl"
     timings = out_dir / "timings.jsonl"
     checkpoint = out_dir / "checkpoints" / f"seed{seed}.pt"
-    T = config.tasks or BENCHMARKS[config.benchmark]["tasks"]
+    T = num_tasks(config)
     done = {r["experience"] for r in experience_records(read_records(results)) if r.get("seed") == seed}
     if all(i in done for i in range(T)):
         append_summary(config, seed, results)  # a kill between the last record and the summary leaves none
@@ -276,7 +329,10 @@ def run_seed(config: ContinualConfig, seed: int, out_dir: str | Path, progress: 
     else:  # as if built here: the same RNG states follow
         stream = prepared[0]
         _set_rng_state(prepared[1])
-    strategy, stateful, accuracy = build_strategy(config, stream, seed, progress)
+    backbone = None
+    if config.pretrain_classes is not None:
+        backbone = pretrained_backbone(config, stream, seed, out_dir, train=not checkpoint.exists())
+    strategy, stateful, accuracy = build_strategy(config, stream, seed, progress, backbone)
     start, history = 0, []
     if checkpoint.exists():
         state = load_checkpoint(checkpoint)
@@ -302,8 +358,11 @@ def run_seed(config: ContinualConfig, seed: int, out_dir: str | Path, progress: 
                   "method": config.method, "norm": config.norm}
         timing = {"seed": seed, "experience": i, "train_seconds": round(t1 - t0, 3),
                   "eval_seconds": round(time.perf_counter() - t1, 3)}
-        if config.method != "nmc":  # the frozen backbone of NMC never changes
+        if config.method not in FROZEN:  # a frozen backbone never changes
             record.update(_diagnostics(strategy.model))
+        if config.method == "linear_probe":
+            record["probe_fit"] = {k: round(v, 9) if isinstance(v, float) else v
+                                   for k, v in strategy.model.last_fit.items()}
         history.append(record)
         save_checkpoint(checkpoint, {"experience": i, "records": history, "state": _state_of(strategy, stateful),
                                      "identity": _jsonable(config.identity())})
@@ -361,7 +420,7 @@ def _recorded_before(previous: dict[str, Any]) -> dict[str, Any]:
     if previous.get("data") is None:
         with contextlib.suppress(FileNotFoundError, KeyError):
             previous["data"] = default_data(BENCHMARKS[previous["benchmark"]]["source"])
-    if previous.get("weights") is None and previous.get("method") == "nmc":
+    if previous.get("weights") is None and previous.get("method") == "nmc" and previous.get("backbone"):
         previous["weights"] = default_backbone_weights(previous["backbone"])
     return previous
 
@@ -387,7 +446,7 @@ def check_inputs(config: ContinualConfig) -> tuple[TaskStream, dict[str, Any]]:
     seed_everything(config.seeds[0])
     stream = build_seed_stream(config, config.seeds[0])
     state = _rng_state()
-    if config.method == "nmc":
+    if config.method in FROZEN and config.pretrain_classes is None:
         from eval.models import load_model
 
         load_model(config.backbone, weights=config.weights)

@@ -1,8 +1,8 @@
 """Continual cells of a sweep: the ``[continual]`` table of a sweep file, its cells, how a worker runs one.
 
 A continual cell is one ``tta continual`` run of one seed: one benchmark, one method (``sgd``, ``er``, ``er_ace``,
-``nmc``) with one combination of its options, one normalisation variant, one replay buffer size, one seed. The
-table::
+``nmc``, ``linear_probe``) with one combination of its options, one normalisation variant, one replay buffer size,
+one seed. The table::
 
     [continual]
     benchmarks = ["split-digits"]          # continual.benchmarks.BENCHMARKS
@@ -14,8 +14,9 @@ table::
     er = { lr = [0.01, 0.1] }
     sgd = {}
 
-An axis that cannot apply to a method is not expanded for it: ``nmc`` trains nothing, so it has one norm (its
-frozen backbone's own layers, shown as ``none``), and ``sgd`` and ``nmc`` replay nothing (buffer ``0``). A fixed
+An axis that cannot apply to a method is not expanded for it: ``nmc`` and ``linear_probe`` train nothing, so on a
+loaded backbone they have one norm (its own layers, shown as ``none``; with ``pretrain_classes`` the norms axis is
+the pre-trained model's), and ``sgd`` and ``nmc`` replay nothing (buffer ``0``). A fixed
 setting or an option applies to the cells it can apply to (``kappa`` to the ``adab2n`` cells, ``lr`` to the trained
 methods: :data:`continual.config.INAPPLICABLE`) and is left out of the others, so an option's values collapse
 there into one cell; a setting that applies to no cell of the grid is an error naming it.
@@ -85,7 +86,7 @@ class ContinualCell:
         if "hidden" in values:
             values["hidden"] = list(values["hidden"])
         return ContinualConfig(benchmark=self.benchmark, method=self.method,
-                               norm=None if self.method == "nmc" else self.norm,
+                               norm=self.norm if _builds_network(self.method, values) else None,
                                buffer=self.buffer if self.method in REPLAY else ContinualConfig().buffer,
                                seeds=[self.seed], threads=threads, **values)
 
@@ -198,6 +199,13 @@ def parse_continual(raw: Any, where: str, seeds: list[int], device: str) -> Cont
     return grid
 
 
+def _builds_network(method: str, values: dict[str, Any]) -> bool:
+    """The cell builds a network (so the norms axis applies): a trained method, or a frozen one that pre-trains."""
+    from continual.config import FROZEN
+
+    return method not in FROZEN or "pretrain_classes" in values
+
+
 def _applies(name: str, probe) -> bool:
     from continual.config import INAPPLICABLE
 
@@ -210,7 +218,7 @@ def _expand(grid: ContinualGrid, where: str) -> list[ContinualCell]:
     cells: dict[str, ContinualCell] = {}
     used: set[str] = set()
     for benchmark, (method, options), seed in itertools.product(grid.benchmarks, grid.methods.items(), grid.seeds):
-        norms = ["none"] if method == "nmc" else grid.norms
+        norms = grid.norms if _builds_network(method, {**grid.settings, **options}) else ["none"]
         buffers = grid.buffers if method in REPLAY else [0]
         names = sorted(options)
         for norm, buffer, values in itertools.product(norms, buffers,
