@@ -97,10 +97,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="pre-train --model on the training images of the first K classes of the class order only "
                         "(cross-entropy), then learn the other classes incrementally: frozen under nmc and "
                         "linear_probe, fine-tuned with a fresh head by the trained methods. Not with "
-                        "--backbone/--weights")
-    g.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs)
-    g.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr, help="SGD (momentum 0.9, cosine to 0)")
-    g.add_argument("--pretrain-batch-size", type=int, default=d.pretrain_batch_size)
+                        "--backbone/--weights/--download")
+    g.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs,
+                   help=f"pre-training epochs (default {d.pretrain_epochs})")
+    g.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr,
+                   help=f"pre-training SGD learning rate, momentum 0.9, cosine to 0 (default {d.pretrain_lr})")
+    g.add_argument("--pretrain-batch-size", type=int, default=d.pretrain_batch_size,
+                   help=f"pre-training batch size (default {d.pretrain_batch_size})")
     g = parser.add_argument_group("run")
     g.add_argument("--seeds", type=_seeds, default=d.seeds, help="comma-separated seeds (default 0)")
     g.add_argument("--out", required=True, help="output folder (rerunning with the same folder resumes)")
