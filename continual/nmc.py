@@ -106,19 +106,26 @@ class NMCClassifier(nn.Module):
         return (-dist).float()
 
 
-class NMCStrategy(SupervisedTemplate):
-    """Avalanche strategy for :class:`NMCClassifier`: training folds each mini-batch into the class means.
+class OptimizerFreeStrategy(SupervisedTemplate):
+    """An Avalanche strategy whose model learns without an optimizer or a loss: one pass per experience hands each
+    mini-batch to :meth:`fold` (e.g. class means, a feature bank), then :meth:`after_pass` runs once. Plugins see
+    before/after_training_iteration; forward/backward/update hooks do not fire (there is no SGD step)."""
 
-    One pass per experience, no optimizer, no loss, no task boundaries needed (the means are task-free). Plugins
-    see before/after_training_iteration; forward/backward/update hooks do not fire (there is no SGD step).
-    """
+    model_type: type[nn.Module] = nn.Module
 
-    def __init__(self, *, model: NMCClassifier, train_mb_size: int = 256, eval_mb_size: int = 256,
+    def __init__(self, *, model: nn.Module, train_mb_size: int = 256, eval_mb_size: int = 256,
                  device: str | torch.device = "cpu", **kwargs: Any) -> None:
-        if not isinstance(model, NMCClassifier):
-            raise TypeError("NMCStrategy needs an NMCClassifier")
+        if not isinstance(model, self.model_type):
+            raise TypeError(f"{type(self).__name__} needs a {self.model_type.__name__}")
         super().__init__(model=model, optimizer=None, train_mb_size=train_mb_size, train_epochs=1,
                          eval_mb_size=eval_mb_size, device=device, **kwargs)
+
+    def fold(self, x: Tensor, y: Tensor) -> None:
+        """Take one training mini-batch into the model."""
+        raise NotImplementedError
+
+    def after_pass(self) -> None:
+        """What follows the experience's pass (nothing by default)."""
 
     def check_model_and_optimizer(self, **kwargs: Any) -> None:
         self.model = self.model.to(self.device)
@@ -135,9 +142,20 @@ class NMCStrategy(SupervisedTemplate):
                 break
             self._unpack_minibatch()
             self._before_training_iteration(**kwargs)
-            self.model.update(self.mb_x, self.mb_y)
+            self.fold(self.mb_x, self.mb_y)
             self.loss = self._make_empty_loss()
             self._after_training_iteration(**kwargs)
+        self.after_pass()
+
+
+class NMCStrategy(OptimizerFreeStrategy):
+    """Avalanche strategy for :class:`NMCClassifier`: training folds each mini-batch into the class means (one pass
+    per experience, task-free: no task boundaries needed)."""
+
+    model_type = NMCClassifier
+
+    def fold(self, x: Tensor, y: Tensor) -> None:
+        self.model.update(x, y)
 
 
 def feature_dim(extractor: nn.Module | Callable[[Tensor], Tensor], image_shape: tuple[int, ...]) -> int:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avalanche.training.templates import SupervisedTemplate
+from continual.nmc import OptimizerFreeStrategy
 
 MAX_ITER, TOLERANCE_GRAD = 1000, 1e-9
 
@@ -112,36 +112,14 @@ class LinearProbe(nn.Module):
         return logits.masked_fill(~self.fitted.unsqueeze(0), float("-inf")).float()
 
 
-class LinearProbeStrategy(SupervisedTemplate):
-    """Avalanche strategy for :class:`LinearProbe`: one pass stores the experience's features, then one fit.
+class LinearProbeStrategy(OptimizerFreeStrategy):
+    """Avalanche strategy for :class:`LinearProbe`: one pass stores the experience's features, then one fit (a
+    convex solve, not an optimizer in Avalanche's sense)."""
 
-    No optimizer or loss in Avalanche's sense (the fit is a separate convex solve); plugins see
-    before/after_training_iteration, as with :class:`continual.nmc.NMCStrategy`.
-    """
+    model_type = LinearProbe
 
-    def __init__(self, *, model: LinearProbe, train_mb_size: int = 256, eval_mb_size: int = 256,
-                 device: str | torch.device = "cpu", **kwargs: Any) -> None:
-        if not isinstance(model, LinearProbe):
-            raise TypeError("LinearProbeStrategy needs a LinearProbe")
-        super().__init__(model=model, optimizer=None, train_mb_size=train_mb_size, train_epochs=1,
-                         eval_mb_size=eval_mb_size, device=device, **kwargs)
+    def fold(self, x: Tensor, y: Tensor) -> None:
+        self.model.store(x, y)
 
-    def check_model_and_optimizer(self, **kwargs: Any) -> None:
-        self.model = self.model.to(self.device)
-
-    def make_optimizer(self, **kwargs: Any) -> None:
-        return None
-
-    def criterion(self) -> Tensor:
-        return torch.zeros((), device=self.device)
-
-    def training_epoch(self, **kwargs: Any) -> None:
-        for self.mbatch in self.dataloader:
-            if self._stop_training:
-                break
-            self._unpack_minibatch()
-            self._before_training_iteration(**kwargs)
-            self.model.store(self.mb_x, self.mb_y)
-            self.loss = self._make_empty_loss()
-            self._after_training_iteration(**kwargs)
+    def after_pass(self) -> None:
         self.model.fit()
