@@ -1,6 +1,6 @@
 """Pre-train a backbone on held-out classes, so that NMC and its bounds are class-incremental for real.
 
-Issue #22: the feature extractor must never have seen a class it is later asked to learn. ``tta continual
+The feature extractor must never have seen a class it is later asked to learn. ``tta continual
 --pretrain-classes K`` trains the run's ``--model`` with cross-entropy on the training images of the first K classes
 of the class order only (:func:`continual.benchmarks.build_benchmark` holds them out of the stream), then freezes it
 (nmc, linear_probe) or fine-tunes it with a fresh head (sgd, er, er_ace) on the remaining classes.

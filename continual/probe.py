@@ -1,4 +1,4 @@
-"""A linear probe on a frozen feature extractor: the joint-training upper bound beside NMC (issue #22).
+"""A linear probe on a frozen feature extractor: the joint-training upper bound beside NMC.
 
 The probe sees the same feature as NMC (the L2-normalised ``forward_features`` of the frozen extractor), so the
 two differ only in the classifier: class means against a trained linear softmax layer. After every experience it
